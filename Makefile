@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` (set up, run the demo) and `make test`.
+# Both create .venv and install the pinned CPU torch first: a torch range with no torch installed
+# would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-fast bench gpu-check clean
+
+$(VENV)/.installed: setup.py Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -e ".[dev,kernels]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) scripts/demo.py
+
+test: install
+	$(PY) -m pytest tests -q -ra
+
+bench: install
+	$(PY) bench/bench_score_head.py
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,160 @@
+"""ZRewardModel: a Qwen3.5 vision-language model read as a four-dimension reward model.
+
+The base model runs once for hidden states; the fused score head is applied only at the query
+positions, reading the K score rows of the LM head. Full-vocabulary logits are never formed.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .dimensions import resolve_dimensions
+from .kernels import score_head
+from .processing import ZRewardBatch, ZRewardProcessor
+from .scale import ScoreResult, ScoreScale
+
+
+class ZRewardModel(nn.Module):
+    """Scores images against prompts on the reward dimensions, one forward pass per batch.
+
+    Args:
+        model: a ``Qwen3_5ForConditionalGeneration`` (or any model with the same ``.model`` /
+            LM-head layout) whose tokenizer carries the score and dimension tokens.
+        processor: the matching :class:`ZRewardProcessor`.
+        scale: score levels; defaults to the processor's.
+        dimensions: the dimensions this model scores; defaults to the processor's.
+        temperature: softmax temperature of the score head.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: ZRewardProcessor,
+        scale: ScoreScale | None = None,
+        dimensions: Sequence[str] | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.scale = scale or processor.scale
+        if self.scale.levels != processor.scale.levels:
+            raise ValueError(f"scale {self.scale.levels} differs from the processor's {processor.scale.levels}")
+        self.dimensions = resolve_dimensions(dimensions, processor.dimensions)
+        self.temperature = float(temperature)
+        head = model.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise ValueError("the model has no LM head to read score rows from")
+        vocab = head.weight.shape[0]
+        bad = [i for i in processor.score_token_ids if i >= vocab]
+        if bad:
+            raise ValueError(f"score token ids {bad} are outside the LM head ({vocab} rows): resize the model")
+        self.register_buffer("score_token_ids", torch.tensor(processor.score_token_ids, dtype=torch.long), persistent=False)
+        self.register_buffer("levels", torch.tensor(self.scale.levels, dtype=torch.float32), persistent=False)
+
+    # ------------------------------------------------------------------ core
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def hidden_states(self, batch: ZRewardBatch) -> torch.Tensor:
+        """Last hidden states [B, L, H] of the base model (no LM head)."""
+        base = self.model.model
+        inputs = batch.to(self.device).model_inputs()
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        out = base(**inputs, use_cache=False)
+        return out.last_hidden_state
+
+    def head(self, hidden: torch.Tensor):
+        """The fused score head on hidden states [N, H]."""
+        head = self.lm_head
+        return score_head(
+            hidden, head.weight, self.score_token_ids, self.levels, bias=getattr(head, "bias", None),
+            temperature=self.temperature,
+        )
+
+    def distributions(self, batch: ZRewardBatch) -> torch.Tensor:
+        """[B, D, K] log-probabilities over the levels at each query position (differentiable)."""
+        return self._head_at_queries(batch).log_probs.view(batch.query_positions.shape[0], -1, self.scale.num_levels)
+
+    def _head_at_queries(self, batch: ZRewardBatch):
+        hidden = self.hidden_states(batch)
+        pos = batch.query_positions.to(hidden.device)
+        rows = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, D, H]
+        return self.head(rows.reshape(-1, hidden.shape[-1]))
+
+    def forward(self, batch: ZRewardBatch) -> torch.Tensor:
+        return self.distributions(batch)
+
+    # ------------------------------------------------------------------ user-facing
+    def reward(self, pixels: torch.Tensor, prompts: Sequence[str] | str, dimensions: Sequence[str] | None = None) -> torch.Tensor:
+        """[B, D] expected scores; differentiable w.r.t. ``pixels`` ([B, 3, H, W] in [0, 1])."""
+        if not isinstance(pixels, torch.Tensor):
+            raise TypeError(f"pixels must be a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
+        dims = resolve_dimensions(dimensions, self.dimensions)
+        batch = self.processor(pixels, prompts, dims)
+        out = self._head_at_queries(batch)
+        return out.mean.view(len(batch.query_positions), len(dims))
+
+    @torch.no_grad()
+    def score(
+        self,
+        images: Sequence[Any] | Any,
+        prompts: Sequence[str] | str,
+        dimensions: Sequence[str] | str | None = None,
+        batch_size: int = 16,
+    ) -> list[dict[str, ScoreResult]]:
+        """Score images (PIL, paths, bytes, arrays or [3,H,W] tensors) against their prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+            if not isinstance(images, (list, tuple)):
+                images = [images]
+        images, prompts = list(images), list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        dims = resolve_dimensions(dimensions, self.dimensions)
+        results: list[dict[str, ScoreResult]] = []
+        for start in range(0, len(images), batch_size):
+            batch = self.processor(images[start : start + batch_size], prompts[start : start + batch_size], dims)
+            out = self._head_at_queries(batch)
+            n = len(batch.query_positions)
+            probs = out.probs.view(n, len(dims), -1).float().cpu()
+            mean = out.mean.view(n, len(dims)).float().cpu()
+            std = out.var.clamp_min(0).sqrt().view(n, len(dims)).float().cpu()
+            for i in range(n):
+                results.append({
+                    d: ScoreResult(float(mean[i, j]), float(std[i, j]), tuple(float(x) for x in probs[i, j]))
+                    for j, d in enumerate(dims)
+                })
+        return results
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
+        self.model.save_pretrained(directory, **kwargs)
+        self.processor.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, local_dir: str | os.PathLike, torch_dtype: torch.dtype | None = None, device: str | None = None, **kwargs: Any
+    ) -> "ZRewardModel":
+        """Load from a directory where ``model.save_pretrained`` and ``processor.save_pretrained`` wrote."""
+        from transformers import AutoModelForImageTextToText
+
+        path = Path(local_dir)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
+        processor = ZRewardProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path), local_files_only=True, dtype=torch_dtype or torch.float32, use_safetensors=True
+        )
+        if device is not None:
+            model = model.to(device)
+        return cls(model.eval(), processor, **kwargs)

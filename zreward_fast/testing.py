@@ -1,0 +1,146 @@
+"""Tiny offline models for tests, benchmarks and the demo: nothing is downloaded.
+
+``tiny_model(seed)`` builds a random Qwen3.5 vision-language model (hybrid Gated DeltaNet and
+full attention, vision patch 16, merge 2) and a matching :class:`ZRewardProcessor` whose
+tokenizer is a real ``Qwen3_5Tokenizer``: byte-level BPE trained here on a small built-in corpus,
+with the chat special tokens, a chat template, and the score and dimension tokens.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from .dimensions import DIMENSION_DESCRIPTIONS, DIMENSIONS
+from .prompting import CHAT_SPECIAL_TOKENS, DEFAULT_SYSTEM, END_OF_TEXT, TEACHER_TEMPLATE
+from .scale import ScoreScale
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS_WORDS = (
+    "a photo of the image prompt score rate reason think then give system user assistant red green blue "
+    "yellow purple orange white black one two three four five circle square triangle star cat dog car tree "
+    "house sky sun moon shadow floating object noise blur artefact composition contrast colour color bright "
+    "dark left right above below on under with and in is are not sharp clean real realistic beautiful ugly "
+    "physical plausibility aesthetics alignment realism reward model rated generated against its it through "
+    "0 1 2 3 4 5 6 7 8 9 0.0 0.5 1.0 1.5 2.0 2.5 3.0 3.5 4.0 4.5 5.0 . , : ; ! ? ' \" - ( )"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> Any:
+    """A small byte-level BPE ``Qwen3_5Tokenizer`` with the Qwen chat special tokens."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX, Qwen3_5Tokenizer
+    from tokenizers import Regex
+
+    tok = Tokenizer(BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    corpus = [_CORPUS_WORDS, DEFAULT_SYSTEM, TEACHER_TEMPLATE, *DIMENSION_DESCRIPTIONS.values()]
+    corpus += [" ".join(_CORPUS_WORDS.split()[i::7]) for i in range(7)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = Qwen3_5Tokenizer(vocab=model["vocab"], merges=merges)
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [t for t in CHAT_SPECIAL_TOKENS if t != END_OF_TEXT]},
+        replace_extra_special_tokens=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(vocab_size: int, special_ids: dict[str, int], **overrides: Any) -> Any:
+    from transformers import Qwen3_5Config
+
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,  # three Gated DeltaNet layers, then one full-attention layer
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+        },
+        pad_token_id=special_ids["<|endoftext|>"],
+        eos_token_id=special_ids["<|im_end|>"],
+        tie_word_embeddings=False,
+    )
+    text.update(overrides.pop("text", {}))
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64,
+    )
+    vision.update(overrides.pop("vision", {}))
+    return Qwen3_5Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=special_ids["<|image_pad|>"],
+        video_token_id=special_ids["<|video_pad|>"],
+        vision_start_token_id=special_ids["<|vision_start|>"],
+        vision_end_token_id=special_ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        **overrides,
+    )
+
+
+def tiny_model(
+    seed: int = 0,
+    image_size: int = 64,
+    scale: ScoreScale | None = None,
+    dtype: torch.dtype = torch.float32,
+    **config_overrides: Any,
+) -> tuple[Any, Any]:
+    """A tiny random Qwen3.5 VLM with score tokens and its processor; deterministic in ``seed``.
+
+    The image bucket defaults to 64x64 (4 image tokens) to keep CPU tests fast; any multiple of
+    32 works. ``config_overrides`` may hold ``text={...}`` and ``vision={...}`` dicts.
+    """
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from .processing import ZRewardProcessor
+    from .tokens import add_score_tokens
+
+    scale = scale or ScoreScale()
+    tokenizer = tiny_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = tiny_config(len(tokenizer), {t: vocab[t] for t in CHAT_SPECIAL_TOKENS}, **config_overrides)
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        model = Qwen3_5ForConditionalGeneration(config)
+        # Larger-than-default random score rows so an untrained tiny model gives spread-out scores.
+        model.lm_head.weight.data.normal_(0.0, 0.5)
+    add_score_tokens(tokenizer, model, scale=scale, dimensions=DIMENSIONS)
+    model = model.to(dtype).eval()
+    processor = ZRewardProcessor(tokenizer, image_size=image_size, scale=scale, dimensions=DIMENSIONS)
+    return model, processor
