@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 
 from .. import reference
-from ..reference import ScoreHeadOutput
-from ._validate import validate_score_head
+from ..reference import GDSOOutput, ScoreHeadOutput
+from ._validate import validate_gdso, validate_grpo, validate_risd, validate_score_head
 
-__all__ = ["ScoreHeadOutput", "score_head", "use_triton"]
+__all__ = ["GDSOOutput", "ScoreHeadOutput", "gdso_loss", "grpo_token_loss", "risd_loss", "score_head", "use_triton"]
 
 try:
     # triton.jit fixes interpreter-or-GPU mode here, at first import of the kernel module.
@@ -29,6 +29,25 @@ try:
 except ImportError:  # no triton: the torch reference serves everything
     _score_head_kernels = None
 _HAS_TRITON = _score_head_kernels is not None
+
+
+def _kernel_module(name: str):
+    """The op's kernel module, or None when Triton (or the module) is not installed."""
+    if not _HAS_TRITON:
+        return None
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name in (f"{__name__}.{name}", "triton"):
+            return None
+        raise
+
+
+_gdso_kernels = _kernel_module("gdso")
+_grpo_kernels = _kernel_module("grpo")
+_risd_kernels = _kernel_module("risd")
 
 
 def use_triton(device: torch.device | str) -> bool:
@@ -60,3 +79,64 @@ def score_head(
     if use_triton(hidden.device):
         return _score_head_kernels.score_head_triton(hidden, weight, token_ids, lv, bias, t)
     return reference.score_head(hidden, weight, token_ids, lv, bias, t)
+
+
+def gdso_loss(
+    score_logits: torch.Tensor,
+    targets: torch.Tensor,
+    levels: torch.Tensor | Sequence[float],
+    alpha_pt: float = 1.0,
+    alpha_pw: float = 1.0,
+    lambda_pt: float = 0.5,
+    lambda_pw: float = 0.5,
+    eps: float = 1e-4,
+) -> GDSOOutput:
+    """GDSO group losses: score_logits [P, 2, G, K], targets [P, 2], levels [K]; G >= 2.
+
+    Returns loss, loss_pt, loss_pw (differentiable w.r.t. score_logits) and rewards, advantages,
+    mean [P, 2, G] (no gradient). Formulas: DESIGN.md section 3 and `reference.gdso_loss`.
+    """
+    lv, hp = validate_gdso(score_logits, targets, levels, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps)
+    if _gdso_kernels is not None and use_triton(score_logits.device):
+        return _gdso_kernels.gdso_loss_triton(score_logits, targets, lv, **hp)
+    return reference.gdso_loss(score_logits, targets, lv, **hp)
+
+
+def grpo_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    beta: float = 0.04,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO token loss fused with the LM head: returns (loss, token_logprobs [B, T]).
+
+    The Triton path walks the tokens in chunks and never forms the [B*T, V] logits.
+    """
+    hp = validate_grpo(hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs, clip_eps, beta, temperature)
+    if _grpo_kernels is not None and use_triton(hidden.device):
+        return _grpo_kernels.grpo_token_loss_triton(
+            hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs, **hp
+        )
+    return reference.grpo_token_loss(hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs, **hp)
+
+
+def risd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """RISD loss: KL(teacher || student) over the K score rows of the LM head, fused with the head."""
+    t = validate_risd(hidden, weight, token_ids, teacher_probs, bias, temperature, reduction)
+    if _risd_kernels is not None and use_triton(hidden.device):
+        return _risd_kernels.risd_loss_triton(hidden, weight, token_ids, teacher_probs, bias, t, reduction)
+    return reference.risd_loss(hidden, weight, token_ids, teacher_probs, bias, t, reduction)

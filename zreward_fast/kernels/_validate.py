@@ -123,3 +123,140 @@ def validate_score_head(
     lv = as_levels(levels, ids.shape[0], device)
     check_values(ids, weight.shape[0], lv)
     return lv, t
+
+
+def check_finite_scalar(name: str, value: object, low: float | None = None, low_inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if low is not None and (v < low or (v == low and not low_inclusive)):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {v}")
+    return v
+
+
+def validate_gdso(
+    score_logits: object, targets: object, levels: object, alpha_pt: object, alpha_pw: object,
+    lambda_pt: object, lambda_pw: object, eps: object,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Check `gdso_loss` arguments; returns (levels fp32 on device, scalar hyper-parameters)."""
+    logits = check_float_tensor("score_logits", score_logits, 4)
+    P, two, G, K = logits.shape
+    if two != 2:
+        raise ValueError(f"score_logits must be [P, 2, G, K] (two sides per instance), got {tuple(logits.shape)}")
+    if G < 2:
+        raise ValueError(f"GDSO needs G >= 2 rollouts per side (the advantage uses the unbiased std), got G={G}")
+    if K < 2:
+        raise ValueError(f"score_logits needs K >= 2 levels, got K={K}")
+    if P == 0:
+        raise ValueError("score_logits has no instances (P=0)")
+    t = check_float_tensor("targets", targets, 2)
+    if tuple(t.shape) != (P, 2):
+        raise ValueError(f"targets must be [P, 2] = [{P}, 2], got {tuple(t.shape)}")
+    if t.device != logits.device:
+        raise ValueError(f"targets is on {t.device} but score_logits is on {logits.device}")
+    lv = as_levels(levels, K, logits.device)
+    flags = torch.stack([torch.isfinite(lv).all(), (lv[1:] > lv[:-1]).all(), torch.isfinite(t).all(),
+                         (t >= lv[0]).all() & (t <= lv[-1]).all()]).tolist()
+    if not flags[0]:
+        raise ValueError(f"levels must be finite, got {lv.tolist()}")
+    if not flags[1]:
+        raise ValueError(f"levels must be strictly increasing, got {lv.tolist()}")
+    if not flags[2]:
+        raise ValueError("targets contain NaN or infinite values")
+    if not flags[3]:
+        raise ValueError(f"targets must lie within the scale [{lv[0].item()}, {lv[-1].item()}]")
+    hp = {
+        "alpha_pt": check_finite_scalar("alpha_pt", alpha_pt), "alpha_pw": check_finite_scalar("alpha_pw", alpha_pw),
+        "lambda_pt": check_finite_scalar("lambda_pt", lambda_pt), "lambda_pw": check_finite_scalar("lambda_pw", lambda_pw),
+        "eps": check_finite_scalar("eps", eps, 0.0, low_inclusive=False),
+    }
+    return lv, hp
+
+
+def validate_grpo(
+    hidden: object, weight: object, token_ids: object, mask: object, advantages: object,
+    old_logprobs: object, ref_logprobs: object, clip_eps: object, beta: object, temperature: object,
+) -> dict[str, float]:
+    """Check `grpo_token_loss` arguments; returns the scalar hyper-parameters."""
+    h = check_float_tensor("hidden", hidden, 3)
+    w = check_float_tensor("weight", weight, 2)
+    B, T, H = h.shape
+    if w.shape[1] != H:
+        raise ValueError(f"hidden [B, T, H] and weight [V, H] must share H, got {tuple(h.shape)} and {tuple(w.shape)}")
+    dev = h.device
+    if w.device != dev:
+        raise ValueError(f"weight is on {w.device} but hidden is on {dev}")
+    if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.dtype == torch.bool:
+        raise TypeError(f"token_ids must be an integer tensor [B, T], got {getattr(token_ids, 'dtype', type(token_ids))}")
+    if tuple(token_ids.shape) != (B, T):
+        raise ValueError(f"token_ids must be [B, T] = [{B}, {T}], got {tuple(token_ids.shape)}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
+        raise ValueError(f"mask must be a [B, T] = [{B}, {T}] tensor, got {getattr(mask, 'shape', type(mask))}")
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != (B,) or not advantages.is_floating_point():
+        raise ValueError(f"advantages must be a float [B] = [{B}] tensor, got {getattr(advantages, 'shape', type(advantages))}")
+    for name, lp in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if lp is not None:
+            check_float_tensor(name, lp, 2)
+            if tuple(lp.shape) != (B, T):
+                raise ValueError(f"{name} must be [B, T] = [{B}, {T}], got {tuple(lp.shape)}")
+    for name, x in (("token_ids", token_ids), ("mask", mask), ("advantages", advantages),
+                    ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None and x.device != dev:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {dev}")
+    if B * T:
+        ids = token_ids.detach()
+        m = mask.detach().float()
+        checks = [ids.min(), ids.max(), ((m != 0) & (m != 1)).any().long(), torch.isfinite(advantages).all().long()]
+        lo, hi, bad_mask, adv_ok = torch.stack([c.long() for c in checks]).tolist()
+        if lo < 0 or hi >= w.shape[0]:
+            raise ValueError(f"token_ids must be in [0, V={w.shape[0]}), got min {lo} and max {hi}")
+        if bad_mask:
+            raise ValueError("mask must hold only 0 and 1")
+        if not adv_ok:
+            raise ValueError("advantages contain NaN or infinite values")
+    return {
+        "clip_eps": check_finite_scalar("clip_eps", clip_eps, 0.0),
+        "beta": check_finite_scalar("beta", beta, 0.0),
+        "temperature": check_temperature(temperature),
+    }
+
+
+def validate_risd(
+    hidden: object, weight: object, token_ids: object, teacher_probs: object, bias: object,
+    temperature: object, reduction: object,
+) -> float:
+    """Check `risd_loss` arguments (the score-head checks plus the teacher distribution)."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    h = check_float_tensor("hidden", hidden, 2)
+    w = check_float_tensor("weight", weight, 2)
+    if w.shape[1] != h.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] must share H, got {tuple(h.shape)} and {tuple(w.shape)}")
+    if w.device != h.device:
+        raise ValueError(f"weight is on {w.device} but hidden is on {h.device}")
+    if bias is not None:
+        b = check_float_tensor("bias", bias, 1)
+        if b.shape[0] != w.shape[0] or b.device != h.device:
+            raise ValueError(f"bias must be [V] = [{w.shape[0]}] on {h.device}, got {tuple(b.shape)} on {b.device}")
+    t = check_temperature(temperature)
+    ids = check_token_ids(token_ids, h.device)
+    K = ids.shape[0]
+    q = check_float_tensor("teacher_probs", teacher_probs, 2)
+    if tuple(q.shape) != (h.shape[0], K):
+        raise ValueError(f"teacher_probs must be [N, K] = [{h.shape[0]}, {K}], got {tuple(q.shape)}")
+    if q.device != h.device:
+        raise ValueError(f"teacher_probs is on {q.device} but hidden is on {h.device}")
+    check_values(ids, w.shape[0], torch.arange(K, dtype=torch.float32, device=h.device))
+    if q.shape[0]:
+        qf = q.detach().float()
+        finite, nonneg, err = torch.stack([torch.isfinite(qf).all().float(), (qf >= 0).all().float(),
+                                           (qf.sum(-1) - 1).abs().max()]).tolist()
+        if not finite:
+            raise ValueError("teacher_probs contain NaN or infinite values")
+        if not nonneg:
+            raise ValueError("teacher_probs must be >= 0")
+        if err > 1e-3:
+            raise ValueError(f"each row of teacher_probs must sum to 1 (largest error {err:.3g})")
+    return t
