@@ -52,6 +52,47 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(model_dir: str | None, tiny_seed: int):
+    from .modeling import ZRewardModel
+    from .testing import tiny_model
+
+    if model_dir:
+        return ZRewardModel.from_pretrained(model_dir)
+    model, processor = tiny_model(seed=tiny_seed)
+    return ZRewardModel(model, processor)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.algorithm == "risd":
+        from .training.risd import RISDConfig as Config, RISDTrainer as Trainer
+    else:
+        from .training.gdso import GDSOConfig as Config, GDSOTrainer as Trainer
+    overrides = {"max_steps": args.max_steps} if args.max_steps is not None else {}
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    try:
+        config = Config.from_file(args.config, **overrides)
+        trainer = Trainer(_load_model(config.model_dir, config.tiny_seed), config)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.resume_from:
+        trainer.load_checkpoint(args.resume_from)
+    state = trainer.train()
+    out = f"{config.output_dir}/final"
+    trainer.save_pretrained(out)
+    losses = [h["loss"] for h in state.history if "loss" in h]
+    summary = {"steps": state.step, "skipped_batches": state.skipped_batches,
+               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "saved": out}
+    if trainer.eval_records:
+        summary["eval"] = trainer.evaluate()
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zreward-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_score)
+
+    tr = sub.add_parser("train", help="train a teacher with GDSO or a student with RISD")
+    tr.add_argument("algorithm", choices=["gdso", "risd"])
+    tr.add_argument("--config", required=True, help="YAML or JSON file of GDSOConfig / RISDConfig fields")
+    tr.add_argument("--max-steps", type=int, default=None)
+    tr.add_argument("--output-dir", default=None)
+    tr.add_argument("--resume-from", default=None, help="a checkpoint directory written by the trainer")
+    tr.set_defaults(func=cmd_train)
 
     t = sub.add_parser("tiny", help="write a tiny random model (for tests and the demo; no download)")
     t.add_argument("--out", required=True)

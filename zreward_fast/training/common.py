@@ -1,0 +1,177 @@
+"""Pieces both trainers share: configs from files, the deterministic batch schedule, checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, TypeVar
+
+import torch
+
+logger = logging.getLogger("zreward_fast.training")
+
+C = TypeVar("C")
+
+
+def load_config(cls: type[C], path: str | os.PathLike, **overrides: Any) -> C:
+    """A config dataclass from a YAML or JSON file; unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        raw = yaml.safe_load(text) or {}
+    else:
+        raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config is a mapping of fields")
+    raw.update(overrides)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}")
+    return cls(**raw)
+
+
+class BatchSchedule:
+    """Which records make up global step ``s``: a fresh seeded permutation each epoch.
+
+    A pure function of (seed, step), so a resumed run sees exactly the batches the uninterrupted
+    run would have, with no sampler state to save. Each process takes its slice of the batch.
+    """
+
+    def __init__(self, num_records: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if num_records <= 0:
+            raise ValueError("no training records")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.n, self.batch_size, self.seed, self.rank, self.world = num_records, batch_size, seed, rank, world
+        self.per_epoch = max(1, num_records // batch_size)
+
+    def indices(self, step: int) -> list[int]:
+        epoch, i = divmod(step, self.per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        batch = [perm[(i * self.batch_size + k) % self.n] for k in range(self.batch_size)]
+        return batch[self.rank :: self.world]
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int = 0
+    skipped_batches: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainState":
+        return cls(**json.loads(path.read_text()))
+
+
+def grads_finite(params: Iterator[torch.nn.Parameter]) -> bool:
+    flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def is_finite(x: torch.Tensor | float) -> bool:
+    return bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else math.isfinite(x)
+
+
+class TrainerBase:
+    """The loop both trainers share: accelerate, NaN-guarded steps, checkpoints, progress.
+
+    Subclasses set ``self.module`` (the prepared trainable module), ``self.optimizer`` and
+    ``self.train_records`` and implement :meth:`compute_loss`.
+    """
+
+    name = "train"
+
+    def _setup_accelerator(self, accelerator: Any, mixed_precision: str, seed: int) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+        set_seed(seed)
+        self.state = TrainState()
+
+    def compute_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def check_records(self, records: list) -> str | None:
+        """Why a batch must not be trained on (NaN inputs), or None."""
+        return None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def training_step(self, records: list) -> float | None:
+        """One optimizer step; returns the loss, or None when the batch was skipped (NaN)."""
+        self.module.train()
+        step = self.state.step
+        why = self.check_records(records)
+        if why:
+            return self._skip(step, why)
+        loss, logs = self.compute_loss(records)
+        if not is_finite(loss):
+            return self._skip(step, f"loss is {loss.item()}")
+        self.accelerator.backward(loss)
+        params = self.trainable_parameters()
+        if not grads_finite(iter(params)):
+            return self._skip(step, "gradients contain NaN or inf")
+        if self.grad_clip:
+            self.accelerator.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(self.accelerator.reduce(loss.detach(), reduction="mean"))
+        self.state.history.append({"step": step, "loss": value, **logs})
+        self.state.step += 1
+        return value
+
+    def _skip(self, step: int, why: str) -> None:
+        logger.warning("%s step %d: batch skipped, not trained on: %s", self.name, step, why)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_batches += 1
+        self.state.history.append({"step": step, "skipped": why})
+        self.state.step += 1
+        return None
+
+    def train(self, max_steps: int | None = None) -> TrainState:
+        from tqdm.auto import tqdm
+
+        end = max_steps if max_steps is not None else self.max_steps
+        bar = tqdm(total=end, initial=self.state.step, desc=self.name, disable=not self.accelerator.is_main_process)
+        while self.state.step < end:
+            records = [self.train_records[i] for i in self.schedule.indices(self.state.step)]
+            loss = self.training_step(records)
+            bar.update(1)
+            if loss is not None:
+                bar.set_postfix(loss=f"{loss:.4f}")
+            self.after_step()
+        bar.close()
+        return self.state
+
+    def after_step(self) -> None:
+        """Periodic saving and evaluation; subclasses extend."""
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
+        """Model, optimizer and RNG states (accelerate) plus the step: resuming continues exactly."""
+        path = Path(directory)
+        self.accelerator.save_state(str(path))
+        if self.accelerator.is_main_process:
+            self.state.save(path / "trainer_state.json")
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        path = Path(directory)
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{path} is not a trainer checkpoint (no trainer_state.json)")
+        self.accelerator.load_state(str(path))
+        self.state = TrainState.load(path / "trainer_state.json")

@@ -1,0 +1,192 @@
+"""RISD: distil the teacher's reasoning-conditioned score distributions into a one-pass student.
+
+The student reads all four dimensions from one forward pass (the multi-query format) and is
+trained with ``risd_loss`` = mean KL(q_teacher || q_student). The LM head's K score rows are
+trained as their own small parameter (``score_rows``) and written back into the head on save, so
+the rest of the LM head (about 1B parameters for the 9B student) has no gradient and no
+optimizer state. Multi-GPU through accelerate (DDP, FSDP2: ``accelerate launch`` or torchrun).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..dimensions import resolve_dimensions
+from ..kernels import risd_loss
+from ..modeling import ZRewardModel
+from .common import BatchSchedule, TrainerBase, is_finite, load_config
+from .data import RISDRecord, ScoredRecord, read_manifest
+from .metrics import evaluate_pairs
+
+logger = logging.getLogger("zreward_fast.training.risd")
+
+
+@dataclass
+class RISDConfig:
+    train_manifest: str = ""
+    output_dir: str = "risd-out"
+    model_dir: str | None = None  # a saved ZRewardModel; None builds the tiny test model
+    eval_manifest: str | None = None
+    tiny_seed: int = 0
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_steps: int = 100
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    train_vision: bool = False
+    seed: int = 0
+    save_every: int = 0
+    eval_every: int = 0
+    mixed_precision: str = "no"  # accelerate: "no", "bf16", "fp16"
+    dimensions: list[str] | None = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "RISDConfig":
+        return load_config(cls, path, **overrides)
+
+
+class RISDStudent(nn.Module):
+    """The student model with its K score rows as a separate trainable parameter."""
+
+    def __init__(self, reward_model: ZRewardModel, train_vision: bool = False) -> None:
+        super().__init__()
+        self.reward_model = reward_model
+        head = reward_model.lm_head
+        ids = reward_model.score_token_ids
+        self.score_rows = nn.Parameter(head.weight.detach()[ids].clone().float())
+        bias = getattr(head, "bias", None)
+        self.score_bias = nn.Parameter(bias.detach()[ids].clone().float()) if bias is not None else None
+        head.weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        visual = getattr(reward_model.model.model, "visual", None)
+        if visual is not None and not train_vision:
+            visual.requires_grad_(False)
+
+    def forward(self, batch, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        rm = self.reward_model
+        hidden = rm.hidden_states(batch)
+        pos = batch.query_positions.to(hidden.device)
+        rows = hidden.gather(1, pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).reshape(-1, hidden.shape[-1])
+        ids = torch.arange(self.score_rows.shape[0], device=rows.device)
+        return risd_loss(rows, self.score_rows, ids, teacher.reshape(-1, teacher.shape[-1]).to(rows.device),
+                         bias=self.score_bias, temperature=temperature)
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the trained score rows into the LM head (before saving or scoring)."""
+        head = self.reward_model.lm_head
+        ids = self.reward_model.score_token_ids
+        head.weight[ids] = self.score_rows.to(head.weight.dtype)
+        if self.score_bias is not None:
+            head.bias[ids] = self.score_bias.to(head.bias.dtype)
+
+
+class RISDTrainer(TrainerBase):
+    """Trains a :class:`ZRewardModel` student on teacher distributions (``risd`` manifests)."""
+
+    name = "RISD"
+
+    def __init__(
+        self,
+        model: ZRewardModel,
+        config: RISDConfig,
+        train_records: Sequence[RISDRecord] | None = None,
+        eval_records: Sequence[Any] | None = None,
+        accelerator: Any | None = None,
+    ) -> None:
+        self.config = config
+        self.max_steps, self.grad_clip = config.max_steps, config.grad_clip
+        self._setup_accelerator(accelerator, config.mixed_precision, config.seed)
+        self.dimensions = resolve_dimensions(config.dimensions, model.dimensions)
+        scale = model.scale
+        if train_records is None:
+            if not config.train_manifest:
+                raise ValueError("RISDConfig.train_manifest is empty and no train_records were given")
+            train_records = read_manifest(config.train_manifest, "risd", scale)
+        if eval_records is None and config.eval_manifest:
+            eval_records = read_manifest(config.eval_manifest, "scored", scale)
+        self.train_records = list(train_records)
+        self.eval_records = list(eval_records or [])
+        for i, r in enumerate(self.train_records):
+            missing = [d for d in self.dimensions if d not in r.targets]
+            if missing:
+                raise ValueError(f"train record {i} has no teacher targets for {missing}")
+        self.processor = model.processor
+        student = RISDStudent(model, config.train_vision)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.module, self.optimizer = self.accelerator.prepare(student, optimizer)
+        acc = self.accelerator
+        self.schedule = BatchSchedule(len(self.train_records), config.batch_size, config.seed,
+                                      acc.process_index, acc.num_processes)
+
+    # ------------------------------------------------------------------ steps
+    def _unwrapped(self) -> RISDStudent:
+        return self.accelerator.unwrap_model(self.module)
+
+    def make_batch(self, records: Sequence[RISDRecord]):
+        batch = self.processor([r.image for r in records], [r.prompt for r in records], self.dimensions)
+        teacher = torch.tensor([[r.targets[d] for d in self.dimensions] for r in records], dtype=torch.float32)
+        return batch, teacher
+
+    def check_records(self, records: list) -> str | None:
+        teacher = torch.tensor([[r.targets[d] for d in self.dimensions] for r in records], dtype=torch.float32)
+        return None if is_finite(teacher) else "teacher targets contain NaN or inf"
+
+    def compute_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
+        batch, teacher = self.make_batch(records)
+        return self.module(batch, teacher, self.config.temperature), {}
+
+    def after_step(self) -> None:
+        c, step = self.config, self.state.step
+        if c.save_every and step % c.save_every == 0:
+            self.save_checkpoint(Path(c.output_dir) / f"checkpoint-{step}")
+        if c.eval_every and self.eval_records and step % c.eval_every == 0:
+            logger.info("RISD step %d eval %s", step, self.evaluate())
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self, records: Sequence[Any] | None = None, batch_size: int = 16) -> dict[str, dict[str, float]]:
+        """HPA, margin HPA, PLCC and SRCC per dimension on scored (or RISD) records."""
+        records = list(records if records is not None else self.eval_records)
+        student = self._unwrapped()
+        rm = student.reward_model
+        saved = rm.lm_head.weight.detach()[rm.score_token_ids].clone()
+        student.write_back()
+        rm.eval()
+        try:
+            scores = rm.score([r.image for r in records], [r.prompt for r in records], self.dimensions, batch_size)
+        finally:
+            rm.lm_head.weight.data[rm.score_token_ids] = saved  # evaluation leaves the head as it was
+        out = {}
+        levels = torch.tensor(rm.scale.levels)
+        for d in self.dimensions:
+            idx = [i for i, r in enumerate(records) if _label(r, d, levels) is not None]
+            out[d] = evaluate_pairs([records[i].prompt for i in idx], [_label(records[i], d, levels) for i in idx],
+                                    [scores[i][d].mean for i in idx])
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The student with its trained score rows written back into the LM head."""
+        self.accelerator.wait_for_everyone()
+        student = self._unwrapped()
+        student.write_back()
+        if self.accelerator.is_main_process:
+            student.reward_model.save_pretrained(directory)
+
+
+def _label(record: Any, dim: str, levels: torch.Tensor) -> float | None:
+    if isinstance(record, ScoredRecord):
+        return record.scores.get(dim)
+    if isinstance(record, RISDRecord) and dim in record.targets:
+        return float((torch.tensor(record.targets[dim]) * levels).sum())
+    return None
