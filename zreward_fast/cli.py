@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None, "saved": out}
     if trainer.eval_records:
         summary["eval"] = trainer.evaluate()
-    print(json.dumps(summary, indent=1))
+    if trainer.accelerator.is_main_process:
+        print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -175,3 +175,15 @@ class TrainerBase:
             raise FileNotFoundError(f"{path} is not a trainer checkpoint (no trainer_state.json)")
         self.accelerator.load_state(str(path))
         self.state = TrainState.load(path / "trainer_state.json")
+
+
+def full_state_dict(accelerator: Any, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the main process: gathered from FSDP2 shards (whatever
+    the checkpoint state-dict type), unwrapped from DDP, or as is."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return accelerator.get_state_dict(module)

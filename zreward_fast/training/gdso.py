@@ -24,7 +24,7 @@ from torch import nn
 
 from ..kernels import gdso_loss, grpo_token_loss, score_head
 from ..modeling import ZRewardModel
-from .common import BatchSchedule, TrainerBase, load_config
+from .common import BatchSchedule, TrainerBase, full_state_dict, load_config
 from .data import PairRecord, read_manifest
 from .metrics import evaluate_pairs
 from .rollouts import RolloutEngine
@@ -202,6 +202,12 @@ class GDSOTrainer(TrainerBase):
         return {d: evaluate_pairs(*v) for d, v in by_dim.items()}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The trained teacher; the state dict is gathered through accelerate (DDP, FSDP2)."""
         self.accelerator.wait_for_everyone()
+        state = full_state_dict(self.accelerator, self.module)
         if self.accelerator.is_main_process:
-            self.reward_model.save_pretrained(directory)
+            prefix = "reward_model.model."
+            sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            self.reward_model.model.save_pretrained(directory, state_dict=sd)
+            self.reward_model.processor.save_pretrained(directory)
+        self.accelerator.wait_for_everyone()

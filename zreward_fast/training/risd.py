@@ -20,7 +20,7 @@ from torch import nn
 from ..dimensions import resolve_dimensions
 from ..kernels import risd_loss
 from ..modeling import ZRewardModel
-from .common import BatchSchedule, TrainerBase, is_finite, load_config
+from .common import BatchSchedule, TrainerBase, full_state_dict, is_finite, load_config
 from .data import RISDRecord, ScoredRecord, read_manifest
 from .metrics import evaluate_pairs
 
@@ -176,12 +176,29 @@ class RISDTrainer(TrainerBase):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """The student with its trained score rows written back into the LM head."""
+        """The student with its trained score rows written back into the LM head.
+
+        The state dict is gathered through accelerate, so this works the same unwrapped, under
+        DDP and under FSDP2 (sharded parameters are gathered to the main process).
+        """
         self.accelerator.wait_for_everyone()
-        student = self._unwrapped()
-        student.write_back()
+        state = full_state_dict(self.accelerator, self.module)
         if self.accelerator.is_main_process:
-            student.reward_model.save_pretrained(directory)
+            rm = self._unwrapped().reward_model
+            prefix = "reward_model.model."
+            sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            head_key = next(k for k in sd if k.endswith("lm_head.weight"))
+            head = sd[head_key].clone()
+            head[rm.score_token_ids.cpu()] = state["score_rows"].to(head.dtype).cpu()
+            sd[head_key] = head
+            if state.get("score_bias") is not None:
+                bias_key = head_key[: -len("weight")] + "bias"
+                bias = sd[bias_key].clone()
+                bias[rm.score_token_ids.cpu()] = state["score_bias"].to(bias.dtype).cpu()
+                sd[bias_key] = bias
+            rm.model.save_pretrained(directory, state_dict=sd)
+            rm.processor.save_pretrained(directory)
+        self.accelerator.wait_for_everyone()
 
 
 def _label(record: Any, dim: str, levels: torch.Tensor) -> float | None:
