@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Benchmark the GDSO group losses, forward + backward, side by side in one run.
+
+Rows (same inputs, same random upstream grads on loss, loss_pt and loss_pw for all):
+  eager          torch eager reference (zreward_fast.reference.gdso_loss)
+  compile        torch.compile of the reference
+  triton         the fused kernels through the public, validating zreward_fast.kernels.gdso_loss
+                 (validation reads a few flags back from the device: one host sync per call)
+  triton-kernel  the fused kernels without validation (gdso_loss_triton): 2 launches forward,
+                 1 backward, no host sync
+
+On a GPU: per-iteration times from CUDA events after warm-up (a step this small is bound by
+launch and Python overhead, which the events include, as they would in training). On CPU: wall
+times of eager and compile only. The Triton kernels only run on CPU under the interpreter: there
+the triton row is a correctness smoke run at the same shape (in a child process), never a
+timing. CPU times on a small shared machine swing with other load: compare p10 as well.
+
+    python bench/bench_gdso_loss.py                  # CPU defaults (P=64 G=8 K=9 fp32)
+    python bench/bench_gdso_loss.py --device cuda    # GPU defaults (P=64 G=8 K=9 bf16)
+
+Writes gdso_loss.csv and gdso_loss.png to --out-dir (default bench/results/<device-name>/, the
+directory naming of bench_score_head.py).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV_FIELDS = ["impl", "P", "G", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90", "speedup_vs_eager", "note"]
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+HP = dict(alpha_pt=1.0, alpha_pw=1.0, lambda_pt=0.5, lambda_pw=0.5, eps=1e-4)
+
+
+def _score_head_bench():
+    """bench_score_head.py as a module (its top level only defines things), for its helpers."""
+    spec = importlib.util.spec_from_file_location("_bench_score_head", ROOT / "bench" / "bench_score_head.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--P", type=int, default=64, help="instances (prompt x dimension)")
+    p.add_argument("--G", type=int, default=8, help="rollouts per side (>= 2)")
+    p.add_argument("--K", type=int, default=9, help="score levels")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 cpu, bf16 cuda")
+    p.add_argument("--repeats", type=int, default=None, help="timed iterations (default: 20 cpu, 200 cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 3 cpu, 20 cuda)")
+    p.add_argument("--impls", default="all", help="comma list of eager,compile,triton,triton-kernel")
+    p.add_argument("--no-interpret", action="store_true",
+                   help="CPU: skip the Triton interpreter correctness smoke")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the interpreter child
+    a = p.parse_args(argv)
+    gpu = a.device.startswith("cuda")
+    a.dtype = DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
+    a.repeats = a.repeats or (200 if gpu else 20)
+    a.warmup = a.warmup if a.warmup is not None else (20 if gpu else 3)
+    if a.G < 2:
+        p.error("--G must be >= 2")
+    return a
+
+
+def make_inputs(P, G, K, dtype, device, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    z = (1.5 * torch.randn(P, 2, G, K, generator=g)).to(device, dtype).requires_grad_()
+    levels = torch.linspace(0.0, 4.0, K, device=device)
+    targets = (4.0 * torch.rand(P, 2, generator=g)).to(device, dtype)
+    grads = [torch.randn((), generator=g).to(device) for _ in range(3)]
+    return z, targets, levels, grads
+
+
+def time_ms(torch, fn, repeats: int, warmup: int, cuda: bool) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def interpreter_smoke(P, G, K) -> str:
+    """Run `_smoke` in a child process with TRITON_INTERPRET=1; returns its one-line note.
+
+    A child, because the interpreter is chosen when triton is first imported: the timing process
+    stays a plain one, as on a machine without the interpreter.
+    """
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--smoke", "--P", str(P), "--G", str(G), "--K", str(K)]
+    try:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "interpreter smoke: timed out"
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("interpreter")]
+    if res.returncode or not lines:
+        tail = (res.stderr.strip().splitlines() or ["?"])[-1][:160]
+        return f"interpreter smoke failed (rc={res.returncode}): {tail}"
+    return lines[-1]
+
+
+def _smoke(P, G, K) -> int:
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import zreward_fast.kernels as zk
+    from zreward_fast import reference
+
+    if not zk.use_triton("cpu") or zk._gdso_kernels is None:
+        print("interpreter smoke skipped: Triton interpreter not active")
+        return 0
+    z, t, lv, grads = make_inputs(P, G, K, torch.float32, "cpu")
+    res = []
+    for fn in (zk.gdso_loss, reference.gdso_loss):
+        out = fn(z, t, lv, **HP)
+        res.append((out, torch.autograd.grad(list(out[:3]), z, grads)[0]))
+    (o1, g1), (o2, g2) = res
+    eo = max((a - b).abs().max().item() for a, b in zip(o1, o2))
+    eg = (g1 - g2).abs().max().item()
+    print(f"interpreter correctness smoke at P={P} G={G} K={K} fp32 (not a timing): "
+          f"max|out-ref|={eo:.1e} max|grad-ref|={eg:.1e}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        return _smoke(args.P, args.G, args.K)
+    gpu = args.device.startswith("cuda")
+    # Compiled kernels on a GPU; on CPU no interpreter in this (timing) process. Must precede
+    # the first import of triton.
+    os.environ["TRITON_INTERPRET"] = "0"
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import zreward_fast.kernels as zk
+    from zreward_fast import reference
+
+    if gpu and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    device_name = _score_head_bench().device_name(args.device)
+    dtype = getattr(torch, args.dtype)
+    short = SHORT[args.dtype]
+    dev = args.device
+    P, G, K = args.P, args.G, args.K
+    impls = (["eager", "compile", "triton", "triton-kernel"] if args.impls == "all"
+             else [s.strip() for s in args.impls.split(",")])
+    out_dir = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results" / device_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"GDSO loss fwd+bwd  P={P} G={G} K={K} {short} on {device_name}  torch {torch.__version__}", flush=True)
+    z, t, lv, grads = make_inputs(P, G, K, dtype, dev)
+    with torch.no_grad():
+        ref_out = reference.gdso_loss(z, t, lv, **HP)
+
+    def step(fn):
+        out = fn(z, t, lv, **HP)
+        torch.autograd.grad(list(out[:3]), z, grads)
+        return out
+
+    rows: list[dict] = []
+    for impl in impls:
+        row = dict(impl=impl, P=P, G=G, K=K, dtype=short, device=device_name)
+        if impl == "eager":
+            fn = reference.gdso_loss
+        elif impl == "compile":
+            fn = torch.compile(reference.gdso_loss)
+        elif impl in ("triton", "triton-kernel"):
+            if zk._gdso_kernels is None:
+                row["note"] = "skipped: Triton (or zreward_fast.kernels.gdso) not importable"
+            elif not gpu:
+                row["note"] = "skipped: Triton needs a GPU"
+                if impl == "triton" and not args.no_interpret:
+                    row["note"] = interpreter_smoke(P, G, K)
+            if "note" in row:
+                rows.append(row)
+                print(f"  {impl:14s} {row['note']}", flush=True)
+                continue
+            fn = zk.gdso_loss if impl == "triton" else zk._gdso_kernels.gdso_loss_triton
+        else:
+            raise SystemExit(f"unknown impl {impl!r}")
+        try:
+            t0 = time.perf_counter()
+            out = step(fn)  # first call: compiles; also the correctness check
+            first_s = time.perf_counter() - t0
+            err = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, ref_out))
+            times = time_ms(torch, lambda: step(fn), args.repeats, args.warmup, gpu)
+        except Exception as e:  # noqa: BLE001 - record the failure and move on
+            msg = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+            row["note"] = msg
+            rows.append(row)
+            print(f"  {impl:14s} {msg}", flush=True)
+            continue
+        row.update(ms_median=statistics.median(times), ms_p10=quantile(times, 0.1), ms_p90=quantile(times, 0.9),
+                   note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
+        rows.append(row)
+        print(f"  {impl:14s} {row['ms_median']:10.4f} ms", flush=True)
+
+    base = next((r for r in rows if r["impl"] == "eager" and r.get("ms_median")), None)
+    for r in rows:
+        if base and r.get("ms_median"):
+            r["speedup_vs_eager"] = base["ms_median"] / r["ms_median"]
+
+    csv_path = out_dir / "gdso_loss.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
+    png_path = out_dir / "gdso_loss.png"
+    try:
+        plot(rows, png_path, f"GDSO loss fwd+bwd: P={P} G={G} K={K} {short}, {device_name}")
+    except ImportError as e:  # e.g. a GPU machine's python without matplotlib: the CSV is what counts
+        print(f"no plot: {e}")
+        png_path = None
+    print_table(rows)
+    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
+    return 0
+
+
+def _fmt(x):
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return x
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'impl':14s} {'ms':>10s} {'p10':>9s} {'p90':>9s} {'speedup':>8s}  note")
+    for r in rows:
+        if r.get("ms_median") is None:
+            print(f"{r['impl']:14s} {'-':>10s}  {r.get('note', '')}")
+            continue
+        sp = f"{r['speedup_vs_eager']:7.2f}x" if r.get("speedup_vs_eager") else f"{'':8s}"
+        print(f"{r['impl']:14s} {r['ms_median']:10.4f} {r['ms_p10']:9.4f} {r['ms_p90']:9.4f} {sp}  {r.get('note', '')}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.get("ms_median") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    med = [r["ms_median"] for r in timed]
+    err = [[m - r["ms_p10"] for m, r in zip(med, timed)], [r["ms_p90"] - m for m, r in zip(med, timed)]]
+    colors = ["#4C72B0" if r["impl"] in ("eager", "compile") else "#55A868" for r in timed]
+    bars = ax.bar(range(len(timed)), med, yerr=err, color=colors, capsize=3)
+    ax.set_yscale("log")
+    ax.set_ylabel("fwd+bwd time, ms (median, p10-p90)")
+    for b, r in zip(bars, timed):
+        txt = f"{r['ms_median']:.3g}"
+        if r.get("speedup_vs_eager"):
+            txt += f"\n{r['speedup_vs_eager']:.2f}x"
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(timed)), [r["impl"] for r in timed], fontsize=8)
+    skipped = [f"{r['impl']}: {r.get('note', '')}" for r in rows if r.get("ms_median") is None]
+    if skipped:
+        fig.text(0.01, 0.01, "\n".join(s[:140] for s in skipped), fontsize=6, va="bottom")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 * len(skipped), 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

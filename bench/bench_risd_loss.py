@@ -1,0 +1,307 @@
+#!/usr/bin/env python
+"""Benchmark the RISD distillation loss, forward + backward, side by side in one run.
+
+Rows (same inputs, same teacher, loss reduced by --reduction, grads of hidden, weight and bias):
+  eager-full-logits   torch eager on full-vocabulary logits: hidden @ W.T [N, V] -> K columns,
+                      log_softmax, KL (what a plain model + loss does)
+  eager-gathered      torch eager on the K gathered rows (zreward_fast.reference.risd_loss):
+                      the baseline every speedup is relative to
+  compile-gathered    torch.compile of the reference
+  triton              the fused kernel through the public, validating zreward_fast.kernels.risd_loss
+                      (validation syncs with the host once per call)
+  triton-kernel       the fused kernel without validation (risd_loss_triton)
+
+Two weight layouts, marked in the `weight` column:
+  head    weight is the full LM head [V, H] and needs grad: its [V, H] gradient (mostly a
+          memset: 2 GB at V=248320, H=4096, bf16) costs about the same for every implementation
+  k-rows  weight is just the K score rows (V = K, token_ids = arange(K)), trained as their own
+          parameter as the RISD trainer does (DESIGN.md section 7); eager-full-logits is the
+          same computation there and is not run
+
+On a GPU: times from CUDA events after warm-up, peak memory = torch.cuda.max_memory_allocated
+above what the inputs already hold. On CPU: wall times; peak memory is not tracked. The Triton
+kernels only run on CPU under the interpreter: that row is a correctness smoke at a tiny shape,
+never a timing.
+
+    python bench/bench_risd_loss.py                      # CPU defaults (+ interpreter smoke)
+    python bench/bench_risd_loss.py --device cuda        # GPU defaults (N=H=4096, V=248320, bf16)
+
+Writes risd_loss.csv and risd_loss.png to --out-dir (default bench/results/<device-name>/, the
+same directory name as bench_score_head.py uses).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_score_head import DTYPES, Timer, _fmt, device_name, quantile  # noqa: E402
+
+CSV_FIELDS = ["impl", "N", "H", "V", "K", "weight", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
+              "peak_mem_mb", "speedup_vs_gathered_eager", "note"]
+IMPLS = ["eager-full-logits", "eager-gathered", "compile-gathered", "triton", "triton-kernel"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--N", type=int, default=None, help="positions (default: 1024 cpu, 4096 cuda)")
+    p.add_argument("--H", type=int, default=None, help="hidden size (default: 1024 cpu, 4096 cuda)")
+    p.add_argument("--V", type=int, default=None, help="vocabulary (default: 32000 cpu, 248320 cuda)")
+    p.add_argument("--K", type=int, default=9, help="score tokens")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 cpu, bf16 cuda")
+    p.add_argument("--repeats", type=int, default=None, help="timed iterations (default: 5 cpu, 50 cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 1 cpu, 5 cuda)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"],
+                   help="'none' is back-propagated with random per-row grads")
+    p.add_argument("--bias", action="store_true", help="give the head a bias")
+    p.add_argument("--weight", choices=["head", "k-rows", "both"], default="both",
+                   help="full LM head [V, H] with grad, the K score rows only (V=K), or both")
+    p.add_argument("--impls", default="all", help="comma list of " + ",".join(IMPLS))
+    p.add_argument("--interpret", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: run the Triton kernels under TRITON_INTERPRET=1 at a tiny shape "
+                        "(correctness smoke, not performance); default on for cpu")
+    p.add_argument("--out-dir", default=None)
+    a = p.parse_args(argv)
+    gpu = a.device.startswith("cuda")
+    a.N = a.N or (4096 if gpu else 1024)
+    a.H = a.H or (4096 if gpu else 1024)
+    a.V = a.V or (248320 if gpu else 32000)
+    a.dtype = DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
+    a.repeats = a.repeats or (50 if gpu else 5)
+    a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 1)
+    a.interpret = (not gpu) if a.interpret is None else (a.interpret and not gpu)
+    return a
+
+
+def make_inputs(n, h, v, k, dtype, device, bias, weight_mode, seed=0):
+    """hidden, weight, token_ids, teacher_probs (fp32, rows sum to 1), bias; all grads wanted."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+    if weight_mode == "k-rows":
+        v = k
+    weight = (torch.randn(v, h, generator=g) * (1.5 / math.sqrt(h))).to(device, dtype).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.5).to(device, dtype).requires_grad_() if bias else None
+    ids = (torch.arange(k) if weight_mode == "k-rows" else torch.randperm(v, generator=g)[:k]).to(device)
+    teacher = torch.softmax(torch.randn(n, k, generator=g) * 2.0, -1).to(device)
+    return hidden, weight, ids, teacher, b
+
+
+def eager_full_logits(hidden, weight, token_ids, teacher_probs, bias=None, temperature=1.0, reduction="mean"):
+    """What a plain model + loss does: full-vocabulary logits, then pick the K score columns."""
+    import torch
+
+    logits = hidden @ weight.T  # [N, V]
+    if bias is not None:
+        logits = logits + bias
+    log_qs = torch.log_softmax(logits[:, token_ids].float() / temperature, -1)
+    qt = teacher_probs.float()
+    kl = torch.where(qt > 0, qt * (torch.log(qt.clamp_min(1e-38)) - log_qs), torch.zeros_like(log_qs)).sum(-1)
+    return kl.mean() if reduction == "mean" else kl.sum() if reduction == "sum" else kl
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if args.interpret:
+        # Must precede the first import of the kernel module (triton.jit reads it then).
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "0")
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    import zreward_fast.kernels as zk
+    from zreward_fast import reference
+
+    if gpu and not torch.cuda.is_available():
+        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    dev = args.device
+    impls = IMPLS if args.impls == "all" else [s.strip() for s in args.impls.split(",")]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise SystemExit(f"unknown impl(s) {sorted(unknown)}; choose from {IMPLS}")
+    dname = device_name(dev)
+    out_dir = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results" / dname
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = Timer(dev)
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    modes = ["head", "k-rows"] if args.weight == "both" else [args.weight]
+    rows: list[dict] = []
+    compiled = None
+
+    print(f"RISD loss fwd+bwd ({args.reduction})  N={args.N} H={args.H} V={args.V} K={args.K} {short} "
+          f"on {dname}  torch {torch.__version__}", flush=True)
+    for mode in modes:
+        hidden, weight, ids, teacher, bias = make_inputs(args.N, args.H, args.V, args.K, dtype, dev, args.bias, mode)
+        v = weight.shape[0]
+        params = [t for t in (hidden, weight, bias) if t is not None]
+        with torch.no_grad():
+            ref_loss = reference.risd_loss(hidden, weight, ids, teacher, bias, args.temperature, args.reduction)
+        g = torch.Generator().manual_seed(1)
+        grad = torch.rand(ref_loss.shape, generator=g).to(dev) if args.reduction == "none" else None
+
+        def step(fn):
+            loss = fn(hidden, weight, ids, teacher, bias, args.temperature, args.reduction)
+            torch.autograd.grad(loss, params, grad)
+            return loss
+
+        print(f" weight={mode} (V={v})", flush=True)
+        for impl in impls:
+            row = dict(impl=impl, N=args.N, H=args.H, V=v, K=args.K, weight=mode, dtype=short, device=dname)
+            fn = None
+            if impl == "eager-full-logits":
+                if mode == "k-rows":
+                    continue  # V = K: the full logits are the gathered ones
+                fn = eager_full_logits
+            elif impl == "eager-gathered":
+                fn = reference.risd_loss
+            elif impl == "compile-gathered":
+                compiled = compiled or torch.compile(reference.risd_loss)
+                fn = compiled
+            elif not gpu:
+                if impl == "triton-kernel":
+                    continue  # the smoke below covers both Triton rows
+                row["note"] = "skipped: Triton needs a GPU (the interpreter is not a timing)"
+                if args.interpret and mode == modes[0]:
+                    row.update(interpreter_smoke(zk, reference, torch))
+                rows.append(row)
+                print(f"  {impl:18s} {row['note']}", flush=True)
+                continue
+            elif impl == "triton":
+                fn = zk.risd_loss
+            else:
+                from zreward_fast.kernels.risd import risd_loss_triton
+
+                fn = risd_loss_triton
+            try:
+                t0 = time.perf_counter()
+                loss = step(fn)  # first call: compiles/autotunes; also the correctness check
+                first_s = time.perf_counter() - t0
+                err = (loss.float() - ref_loss.float()).abs().max().item()
+                times, peak = timer.time(lambda: step(fn), args.repeats, args.warmup)
+            except Exception as e:  # noqa: BLE001 - record the failure and move on
+                lines = str(e).strip().splitlines()
+                row["note"] = f"failed: {type(e).__name__}: {lines[0][:160] if lines else ''}"
+                rows.append(row)
+                print(f"  {impl:18s} {row['note']}", flush=True)
+                continue
+            row.update(ms_median=statistics.median(times), ms_p10=quantile(times, 0.1),
+                       ms_p90=quantile(times, 0.9), peak_mem_mb=peak,
+                       note=f"max|loss-ref|={err:.1e}; first call {first_s:.1f}s")
+            rows.append(row)
+            print(f"  {impl:18s} {row['ms_median']:10.3f} ms", flush=True)
+        del hidden, weight, bias, teacher, params, ref_loss
+        if gpu:
+            torch.cuda.empty_cache()
+
+    for r in rows:  # speedup relative to eager-gathered with the same weight layout
+        base = next((b for b in rows if b["impl"] == "eager-gathered" and b["weight"] == r["weight"]
+                     and b.get("ms_median")), None)
+        if base and r.get("ms_median"):
+            r["speedup_vs_gathered_eager"] = base["ms_median"] / r["ms_median"]
+
+    csv_path = out_dir / "risd_loss.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
+    png_path = out_dir / "risd_loss.png"
+    try:
+        plot(rows, png_path, f"RISD loss fwd+bwd ({args.reduction}): N={args.N} H={args.H} V={args.V} "
+                             f"K={args.K} {short}, {dname}")
+    except ImportError as e:  # e.g. a GPU machine's python without matplotlib: the CSV is what counts
+        print(f"no plot: {e}")
+        png_path = None
+    print_table(rows)
+    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
+    return 0
+
+
+def interpreter_smoke(zk, reference, torch) -> dict:
+    """Triton kernels under the interpreter vs the reference at a tiny shape: correctness only."""
+    if not zk.use_triton("cpu") or zk._risd_kernels is None:
+        return {"note": "skipped: Triton interpreter not active"}
+    n, h, v, k = 64, 256, 1000, 9
+    e_loss = e_grad = 0.0
+    for mode in ("head", "k-rows"):
+        hidden, weight, ids, teacher, bias = make_inputs(n, h, v, k, torch.float32, "cpu", True, mode)
+        for red in ("mean", "sum", "none"):
+            res = []
+            for fn in (zk.risd_loss, reference.risd_loss):
+                loss = fn(hidden, weight, ids, teacher, bias, 0.7, red)
+                g = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1))
+                res.append((loss, torch.autograd.grad(loss, (hidden, weight, bias), g)))
+            (l1, g1), (l2, g2) = res
+            e_loss = max(e_loss, (l1 - l2).abs().max().item())
+            e_grad = max(e_grad, max((a - b).abs().max().item() for a, b in zip(g1, g2)))
+    return {"note": f"interpreter correctness smoke at N={n} H={h} V={v} and V=K, K={k}, fp32, 3 reductions "
+                    f"(not a timing): max|loss-ref|={e_loss:.1e} max|grad-ref|={e_grad:.1e}"}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'impl':18s} {'weight':6s} {'V':>7s} {'ms':>10s} {'p10':>9s} {'p90':>9s} {'peak MB':>9s} {'speedup':>8s}")
+    for r in rows:
+        if r.get("ms_median") is None:
+            print(f"{r['impl']:18s} {r['weight']:6s} {r['V']:>7d} {'-':>10s}  {r.get('note', '')}")
+            continue
+        peak = f"{r['peak_mem_mb']:9.1f}" if r.get("peak_mem_mb") is not None else f"{'n/a':>9s}"
+        sp = f"{r['speedup_vs_gathered_eager']:7.2f}x" if r.get("speedup_vs_gathered_eager") else f"{'':8s}"
+        print(f"{r['impl']:18s} {r['weight']:6s} {r['V']:>7d} {r['ms_median']:10.3f} {r['ms_p10']:9.3f} "
+              f"{r['ms_p90']:9.3f} {peak} {sp}")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.get("ms_median") is not None]
+    has_mem = any(r.get("peak_mem_mb") is not None for r in timed)
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 7, 4.2), squeeze=False)
+    labels = [f"{r['impl']}\n(weight {r['weight']})" for r in timed]
+    colors = ["#4C72B0" if r["weight"] == "head" else "#DD8452" for r in timed]
+    ax = axes[0][0]
+    med = [r["ms_median"] for r in timed]
+    err = [[m - r["ms_p10"] for m, r in zip(med, timed)], [r["ms_p90"] - m for m, r in zip(med, timed)]]
+    bars = ax.bar(range(len(timed)), med, yerr=err, color=colors, capsize=3)
+    ax.set_yscale("log")
+    if med:
+        ax.set_ylim(top=max(med) * 4)  # room for the labels above the tallest bar
+    ax.set_ylabel("fwd+bwd time, ms (median, p10-p90)")
+    for b, r in zip(bars, timed):
+        txt = f"{r['ms_median']:.3g}"
+        if r.get("speedup_vs_gathered_eager"):
+            txt += f"\n{r['speedup_vs_gathered_eager']:.2f}x"
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
+    if has_mem:
+        ax2 = axes[0][1]
+        ax2.bar(range(len(timed)), [r.get("peak_mem_mb") or 0 for r in timed], color=colors)
+        ax2.set_ylabel("peak extra memory, MB")
+        ax2.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
+    skipped = [f"{r['impl']} ({r['weight']}): {r.get('note', '')}" for r in rows if r.get("ms_median") is None]
+    if skipped:
+        fig.text(0.01, 0.01, "\n".join(s[:150] for s in skipped), fontsize=6, va="bottom")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 * len(skipped), 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
