@@ -40,7 +40,7 @@ def main(out_dir: str) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"{'kernel':11s} {'impl':18s} {"shape":40s} {'dtype':5s} {'ms':>9s} {'peak MB':>9s} {'speedup':>8s}")
+    print(f"{'kernel':11s} {'impl':18s} {'shape':40s} {'dtype':5s} {'ms':>9s} {'peak MB':>9s} {'speedup':>8s}")
     for r in rows:
         sp = f"{float(r['speedup']):.2f}x" if r["speedup"] else "-"
         ms = r["ms_median"] or ("-" if r["note"].startswith(("skip", "interp", "CPU")) else "fail")
