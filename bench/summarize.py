@@ -44,7 +44,7 @@ def main(out_dir: str) -> int:
     for r in rows:
         sp = f"{float(r['speedup']):.2f}x" if r["speedup"] else "-"
         ms = r["ms_median"] or ("-" if r["note"].startswith(("skip", "interp", "CPU")) else "fail")
-        print(f"{r['kernel']:11s} {r['impl']:18s} {r["shape"][:40]:40s} {r['dtype']:5s} {ms:>9s} "
+        print(f"{r['kernel']:11s} {r['impl']:18s} {r['shape'][:40]:40s} {r['dtype']:5s} {ms:>9s} "
               f"{r['peak_mb'] or '-':>9s} {sp:>8s}")
     return 0
 
