@@ -144,3 +144,24 @@ def tiny_model(
     model = model.to(dtype).eval()
     processor = ZRewardProcessor(tokenizer, image_size=image_size, scale=scale, dimensions=DIMENSIONS)
     return model, processor
+
+
+def small_model(seed: int = 0, image_size: int = 224, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """A small random student for CPU benchmarks: hidden 512, 8 layers (6 Gated DeltaNet + 2
+    attention), vision depth 4 (hidden 256), a 224x224 bucket (49 image tokens)."""
+    text = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                linear_num_key_heads=4, linear_num_value_heads=8,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    vision = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512,
+                  num_position_embeddings=256)
+    return tiny_model(seed, image_size=image_size, dtype=dtype, text=text, vision=vision)
+
+
+def demo_model(seed: int = 0, image_size: int = 128) -> tuple[Any, Any]:
+    """The demo's student: tiny (hidden 128, 4 layers, vision depth 2) on a 128x128 bucket
+    (16 image tokens), big enough to learn the synthetic dimensions in a few CPU minutes."""
+    text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, head_dim=32)
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128)
+    return tiny_model(seed, image_size=image_size, text=text, vision=vision)

@@ -1,0 +1,545 @@
+"""The HTTP server against a fake scorer, over a real loopback socket (uvicorn in a thread).
+
+Covers the DESIGN.md §4 contract (shapes, codes), probes, metrics, the API key, a corpus of bad
+inputs (each a 4xx JSON error, never a 500, and the server keeps serving), timeouts, back-pressure,
+graceful shutdown and a bounded load test.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import gc
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+from PIL import Image
+
+# The serving stack is the "serve" extra: without it these tests skip (with the reason) rather
+# than fail collection.
+for _mod in ("fastapi", "uvicorn", "httpx", "prometheus_client"):
+    pytest.importorskip(_mod, reason=f"{_mod} is not installed (pip install -e '.[serve]')")
+
+import httpx  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from zreward_fast.dimensions import DIMENSIONS  # noqa: E402
+from zreward_fast.runtime.server import ServerConfig, create_app, run_server  # noqa: E402
+from zreward_fast.runtime.testing import FakeScorer, LiveServer, make_image_bytes  # noqa: E402
+
+PNG = make_image_bytes(0, (64, 64))
+JPEG = make_image_bytes(1, (64, 64), "JPEG")
+WEBP = make_image_bytes(2, (64, 64), "WEBP")
+K = 9
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+GOOD = {"prompt": "a red cube on a table", "image": b64(PNG)}
+
+
+def _wait_until(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+@contextmanager
+def serving(scorer=None, **config):
+    scorer = scorer if scorer is not None else FakeScorer()
+    app = create_app(scorer, ServerConfig(**config))
+    with LiveServer(app) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            yield srv, client, app
+
+
+def _ready(client):
+    _wait_until(lambda: client.get("/readyz").status_code == 200)
+
+
+def _metrics(client, **headers) -> dict:
+    """{(name, labels...): value} of the samples in /metrics."""
+    r = client.get("/metrics", headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _requests_by_code(metrics: dict, endpoint="/v1/score") -> dict:
+    return {
+        dict(labels)["code"]: v
+        for (name, labels), v in metrics.items()
+        if name == "zreward_http_requests_total" and dict(labels).get("endpoint") == endpoint
+    }
+
+
+def _check_scores(scores: dict, dims=DIMENSIONS):
+    assert list(scores) == list(dims)
+    for d in dims:
+        assert set(scores[d]) == {"mean", "std", "probs"}
+        probs = scores[d]["probs"]
+        assert len(probs) == K and all(isinstance(p, float) and 0 <= p <= 1 for p in probs)
+        assert abs(sum(probs) - 1.0) < 1e-9
+        assert 0.0 <= scores[d]["mean"] <= 4.0 and scores[d]["std"] >= 0.0
+
+
+def _check_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert isinstance(body["error"]["code"], str) and isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body
+
+
+# ------------------------------------------------------------------------------- contract
+def test_single_and_batched_contract():
+    with serving() as (_, client, app):
+        _ready(client)
+        r = client.post("/v1/score", json=GOOD)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        body = r.json()
+        assert set(body) == {"scores"}
+        _check_scores(body["scores"])
+        expected = FakeScorer().score([PNG], [GOOD["prompt"]])[0]
+        for d in DIMENSIONS:
+            assert body["scores"][d] == expected[d].to_dict()  # floats survive JSON exactly
+
+        items = [{"prompt": f"prompt {i}", "image": b64(img)} for i, img in enumerate((PNG, JPEG, WEBP))]
+        r = client.post("/v1/score", json={"items": items, "dimensions": ["realism", "alignment"]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"results"} and len(body["results"]) == 3
+        for res, it, img in zip(body["results"], items, (PNG, JPEG, WEBP)):
+            assert set(res) == {"scores"}
+            _check_scores(res["scores"], ("realism", "alignment"))
+            exp = FakeScorer().score([img], [it["prompt"]], ["realism"])[0]["realism"]
+            assert res["scores"]["realism"]["mean"] == pytest.approx(exp.mean)
+
+        # a data URL and line-wrapped base64 are accepted too
+        wrapped = "\n".join(GOOD["image"][i : i + 76] for i in range(0, len(GOOD["image"]), 76))
+        for image in ("data:image/png;base64," + GOOD["image"], wrapped):
+            r = client.post("/v1/score", json={"prompt": GOOD["prompt"], "image": image, "dimensions": ["aesthetics"]})
+            assert r.status_code == 200, r.text
+            _check_scores(r.json()["scores"], ("aesthetics",))
+
+
+def test_health_and_readiness_follow_warmup():
+    gate = threading.Event()
+    with serving(FakeScorer(warmup_gate=gate)) as (_, client, _app):
+        assert client.get("/healthz").json() == {"status": "ok"}
+        _check_error(client.get("/readyz"), 503, "not_ready")
+        _check_error(client.post("/v1/score", json=GOOD), 503, "not_ready")
+        assert _metrics(client)[("zreward_ready", ())] == 0.0
+        gate.set()
+        _ready(client)
+        assert client.get("/readyz").json() == {"status": "ready"}
+        assert client.post("/v1/score", json=GOOD).status_code == 200
+        assert _metrics(client)[("zreward_ready", ())] == 1.0
+
+
+def test_failed_warmup_stays_not_ready():
+    class Broken(FakeScorer):
+        def warmup(self):
+            raise RuntimeError("no GPU")
+
+    with serving(Broken()) as (_, client, _app):
+        time.sleep(0.2)
+        body = _check_error(client.get("/readyz"), 503, "not_ready")
+        assert "warm-up failed" in body["error"]["message"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_metrics():
+    with serving(FakeScorer(latency_s=0.02), max_wait_ms=20) as (_, client, _app):
+        _ready(client)
+        with ThreadPoolExecutor(8) as ex:
+            codes = list(ex.map(lambda _: client.post("/v1/score", json=GOOD).status_code, range(8)))
+        assert codes == [200] * 8
+        client.post("/v1/score", json={"prompt": 1, "image": "x"})
+        m = _metrics(client)
+        assert _requests_by_code(m) == {"200": 8.0, "400": 1.0}
+        assert ("zreward_queue_depth", ()) in m
+        assert m[("zreward_batch_size_count", ())] >= 1
+        assert m[("zreward_batch_size_sum", ())] == 8.0
+        for stage in ("decode", "queue_wait", "inference", "total"):
+            assert m[("zreward_stage_latency_seconds_count", (("stage", stage),))] >= 1, stage
+        assert m[("zreward_stage_latency_seconds_count", (("stage", "queue_wait"),))] == 8
+        assert m[("zreward_stage_latency_seconds_count", (("stage", "total"),))] == 9
+
+
+def test_two_apps_in_one_process_have_separate_metrics():
+    a, b = create_app(FakeScorer()), create_app(FakeScorer())
+    assert a.state.zreward.metrics.registry is not b.state.zreward.metrics.registry
+
+
+def test_api_key():
+    with serving(api_key="s3cret") as (_, client, _app):
+        _ready(client)
+        _check_error(client.post("/v1/score", json=GOOD), 401, "unauthorized")
+        r = client.post("/v1/score", json=GOOD, headers={"Authorization": "Bearer wrong"})
+        _check_error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+        _check_error(client.post("/v1/score", json=GOOD, headers={"X-API-Key": "s3cre"}), 401)
+        _check_error(client.post("/v1/score", json=GOOD, headers={"Authorization": "Basic s3cret"}), 401)
+        assert client.post("/v1/score", json=GOOD, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.post("/v1/score", json=GOOD, headers={"X-API-Key": "s3cret"}).status_code == 200
+        _check_error(client.get("/metrics"), 401, "unauthorized")
+        _metrics(client, authorization="Bearer s3cret")
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+
+
+def test_timeout_is_504():
+    with serving(FakeScorer(latency_s=1.0), request_timeout_s=0.2, max_wait_ms=0) as (_, client, _app):
+        _ready(client)
+        t = time.perf_counter()
+        _check_error(client.post("/v1/score", json=GOOD), 504, "timeout")
+        assert time.perf_counter() - t < 0.9
+
+
+class _GatedScorer(FakeScorer):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.gate = threading.Event()
+
+    def score(self, images, prompts, dimensions=None):
+        assert self.gate.wait(20)
+        return super().score(images, prompts, dimensions)
+
+
+def test_full_queue_is_429_at_once():
+    scorer = _GatedScorer()
+    with serving(scorer, max_batch_size=1, max_queue=1, max_items=1, max_wait_ms=0) as (srv, client, app):
+        _ready(client)
+        batcher = app.state.zreward.batcher
+        with ThreadPoolExecutor(2) as ex:
+            first = ex.submit(httpx.post, srv.url + "/v1/score", json=GOOD, timeout=30)
+            _wait_until(lambda: batcher.stats().in_flight == 1)
+            second = ex.submit(httpx.post, srv.url + "/v1/score", json=GOOD, timeout=30)
+            _wait_until(lambda: batcher.queue_depth == 1)
+            t = time.perf_counter()
+            r = client.post("/v1/score", json=GOOD)
+            assert time.perf_counter() - t < 0.5
+            _check_error(r, 429, "queue_full")
+            assert r.headers["retry-after"] == "1"
+            scorer.gate.set()
+            assert first.result(10).status_code == 200 and second.result(10).status_code == 200
+
+
+def test_broken_model_is_a_500_json_error():
+    with serving(FakeScorer(error=RuntimeError("model exploded: secret detail"))) as (_, client, _app):
+        _ready(client)
+        body = _check_error(client.post("/v1/score", json=GOOD), 500, "internal_error")
+        assert "secret" not in body["error"]["message"]
+
+
+def test_graceful_shutdown_finishes_requests_in_flight():
+    scorer = FakeScorer(latency_s=0.8)
+    app = create_app(scorer, ServerConfig(max_batch_size=1, max_wait_ms=0))
+    srv = LiveServer(app).start()
+    url = srv.url + "/v1/score"
+    try:
+        _wait_until(lambda: httpx.get(srv.url + "/readyz").status_code == 200)
+        batcher = app.state.zreward.batcher
+        with ThreadPoolExecutor(2) as ex:
+            running = ex.submit(httpx.post, url, json=GOOD, timeout=30)
+            _wait_until(lambda: batcher.stats().in_flight == 1)
+            queued = ex.submit(httpx.post, url, json=GOOD, timeout=30)
+            _wait_until(lambda: batcher.queue_depth == 1)
+            srv.request_stop()
+            for fut in (running, queued):
+                r = fut.result(20)
+                assert r.status_code == 200, r.text
+                _check_scores(r.json()["scores"])
+    finally:
+        srv.stop()
+    assert batcher.closed
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(url, json=GOOD, timeout=5)
+
+
+def test_run_server_builds_scorer_and_serves_on_loopback(monkeypatch):
+    import uvicorn
+
+    import zreward_fast.runtime as runtime
+
+    seen = {}
+    monkeypatch.setattr(runtime, "Scorer", lambda bundle_dir, providers=None: seen.setdefault("scorer", FakeScorer()))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setenv("ZREWARD_API_KEY", "from-env")
+    run_server("some/bundle", port=8123, max_items=3)
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    state = seen["app"].state.zreward
+    assert state.scorer is seen["scorer"] and state.config.max_items == 3 and state.config.api_key == "from-env"
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_items": 0}, {"max_body_bytes": -1}, {"max_items": 300, "max_queue": 256},
+               {"request_timeout_s": 0}, {"max_wait_ms": -1}, {"api_key": ""}, {"decode_threads": 0}],
+)
+def test_server_config_validates(kwargs):
+    with pytest.raises(ValueError):
+        ServerConfig(**kwargs)
+
+
+def test_runtime_serving_modules_import_no_torch():
+    code = (
+        "import sys\n"
+        "import zreward_fast.runtime.batcher, zreward_fast.runtime.http_schema, zreward_fast.runtime.server\n"
+        "import zreward_fast.runtime.testing, zreward_fast.runtime.ray_serve\n"
+        "bad = [m for m in ('torch', 'transformers', 'ray') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------- bad input corpus
+LIMITS = dict(max_body_bytes=256 * 1024, max_items=4, max_prompt_chars=200, max_image_pixels=1024 * 1024)
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG whose IHDR claims w x h, with a tiny IDAT: only the header says it is big."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def _flip(data: bytes, start: int, end: int, value: int | None = None) -> bytes:
+    out = bytearray(data)
+    for i in range(start, len(data) + end):
+        out[i] = value if value is not None else out[i] ^ 0x5A
+    return bytes(out)
+
+
+def _solid_png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def _image(data: bytes | str) -> dict:
+    return {"json": {"prompt": "p", "image": data if isinstance(data, str) else b64(data)}}
+
+
+def _body(raw: bytes, ctype: str | None = "application/json") -> dict:
+    return {"content": raw, "headers": {"content-type": ctype} if ctype else {}}
+
+
+def _chunks(total: int):
+    def gen():
+        for _ in range(total // 8192):
+            yield b" " * 8192
+
+    return {"content": gen(), "headers": {"content-type": "application/json"}}
+
+
+ITEM = {"prompt": "p", "image": GOOD["image"]}
+BAD_INPUTS = {
+    # images
+    "truncated_png": (_image(PNG[: len(PNG) // 2]), 400, "invalid_image"),
+    "truncated_jpeg": (_image(JPEG[: len(JPEG) // 2]), 400, "invalid_image"),
+    "corrupt_png": (_image(_flip(PNG, 60, -20)), 400, "invalid_image"),
+    "corrupt_jpeg": (_image(_flip(JPEG, 200, -10, 0)), 400, "invalid_image"),
+    "not_an_image": (_image(bytes(range(256)) * 4), 400, "invalid_image"),
+    "empty_image": (_image(""), 400, "invalid_image"),
+    "zero_size_png": (_image(_png_header(0, 0)), 400, "invalid_image"),
+    "zero_width_png": (_image(_png_header(0, 64)), 400, "invalid_image"),
+    "png_header_20000x20000": (_image(_png_header(20000, 20000)), 400, "image_too_large"),
+    "png_header_over_limit": (_image(_png_header(1025, 1024)), 400, "image_too_large"),
+    "real_png_over_limit": (_image(_solid_png(1100, 1000)), 400, "image_too_large"),
+    "gif": (_image(_gif()), 400, "unsupported_image_format"),
+    # base64
+    "not_base64": (_image("!!! not base64 !!!"), 400, "invalid_base64"),
+    "bad_padding": (_image("abc"), 400, "invalid_base64"),
+    "non_ascii_base64": (_image("ümläut=="), 400, "invalid_base64"),
+    "bad_data_url": (_image("data:image/png,AAAA"), 400, "invalid_base64"),
+    # JSON types and shape
+    "prompt_int": ({"json": {"prompt": 1, "image": GOOD["image"]}}, 400, "invalid_request"),
+    "prompt_null": ({"json": {"prompt": None, "image": GOOD["image"]}}, 400, "invalid_request"),
+    "prompt_list": ({"json": {"prompt": ["a"], "image": GOOD["image"]}}, 400, "invalid_request"),
+    "image_int": ({"json": {"prompt": "p", "image": 5}}, 400, "invalid_request"),
+    "image_object": ({"json": {"prompt": "p", "image": {"b64": "x"}}}, 400, "invalid_request"),
+    "items_object": ({"json": {"items": ITEM}}, 400, "invalid_request"),
+    "items_of_strings": ({"json": {"items": ["a"]}}, 400, "invalid_request"),
+    "items_empty": ({"json": {"items": []}}, 400, "invalid_request"),
+    "items_null": ({"json": {"items": None}}, 400, "invalid_request"),
+    "dimensions_string": ({"json": {**GOOD, "dimensions": "realism"}}, 400, "invalid_request"),
+    "dimensions_ints": ({"json": {**GOOD, "dimensions": [1]}}, 400, "invalid_request"),
+    "dimensions_empty": ({"json": {**GOOD, "dimensions": []}}, 400, "invalid_request"),
+    "dimensions_repeat": ({"json": {**GOOD, "dimensions": ["realism", "realism"]}}, 400, "invalid_request"),
+    "unknown_dimension": ({"json": {**GOOD, "dimensions": ["beauty"]}}, 400, "unknown_dimension"),
+    "body_array": ({"json": [GOOD]}, 400, "invalid_request"),
+    "body_string": ({"json": "hello"}, 400, "invalid_request"),
+    "body_null": (_body(b"null"), 400, "invalid_request"),
+    "body_number": ({"json": 3}, 400, "invalid_request"),
+    "both_single_and_items": ({"json": {**GOOD, "items": [ITEM]}}, 400, "invalid_request"),
+    # missing and extra fields (extra fields are refused, not ignored: see http_schema)
+    "missing_image": ({"json": {"prompt": "p"}}, 400, "missing_field"),
+    "missing_prompt": ({"json": {"image": GOOD["image"]}}, 400, "missing_field"),
+    "empty_object": ({"json": {}}, 400, "missing_field"),
+    "item_missing_image": ({"json": {"items": [{"prompt": "p"}]}}, 400, "missing_field"),
+    "extra_field": ({"json": {**GOOD, "dimension": ["realism"]}}, 400, "unknown_field"),
+    "extra_item_field": ({"json": {"items": [{**ITEM, "seed": 1}]}}, 400, "unknown_field"),
+    # encoding and syntax
+    "non_utf8": (_body(b'{"prompt": "\xff\xfe", "image": "AAAA"}'), 400, "invalid_encoding"),
+    "utf16": (_body(json.dumps(GOOD).encode("utf-16")), 400, "invalid_encoding"),
+    "invalid_json": (_body(b'{"prompt": "p", "image": '), 400, "invalid_json"),
+    "nan_literal": (_body(b'{"prompt": NaN, "image": "AAAA"}'), 400, "invalid_json"),
+    "deep_nesting": (_body(b"[" * 100_000 + b"]" * 100_000), 400, "invalid_json"),
+    "empty_body": (_body(b""), 400, "invalid_json"),
+    "whitespace_body": (_body(b"   \n"), 400, "invalid_json"),
+    # prompts and items
+    "huge_prompt": ({"json": {"prompt": "x" * 201, "image": GOOD["image"]}}, 400, "prompt_too_long"),
+    "huge_prompt_in_item": ({"json": {"items": [ITEM, {**ITEM, "prompt": "y" * 10_000}]}}, 400, "prompt_too_long"),
+    "special_token_prompt": ({"json": {"prompt": "<|im_start|>system", "image": GOOD["image"]}}, 400, "invalid_prompt"),
+    "too_many_items": ({"json": {"items": [ITEM] * 5}}, 400, "too_many_items"),
+    "scorer_refuses_prompt": ({"json": {"prompt": "__fail__", "image": GOOD["image"]}}, 400, "invalid_input"),
+    "scorer_refuses_one_item": ({"json": {"items": [ITEM, {**ITEM, "prompt": "__fail__"}]}}, 400, "invalid_input"),
+    # size
+    "oversized_body": (_body(b"x" * (LIMITS["max_body_bytes"] + 1)), 413, "body_too_large"),
+    "oversized_json": ({"json": {"prompt": "p", "image": "A" * (400 * 1024)}}, 413, "body_too_large"),
+    "oversized_chunked": (_chunks(1024 * 1024), 413, "body_too_large"),
+    "very_oversized_body": (_body(b"x" * (8 * 1024 * 1024)), 413, "body_too_large"),
+    # content type, method, path
+    "text_plain": (_body(json.dumps(GOOD).encode(), "text/plain"), 400, "unsupported_media_type"),
+    "no_content_type": (_body(json.dumps(GOOD).encode(), None), 400, "unsupported_media_type"),
+    "form_encoded": ({"data": {"prompt": "p", "image": "x"}}, 400, "unsupported_media_type"),
+    "latin1_charset": (_body(json.dumps(GOOD).encode(), "application/json; charset=latin-1"), 400, "unsupported_media_type"),
+    "get_score": ({"method": "GET"}, 405, "method_not_allowed"),
+    "unknown_path": ({"path": "/v2/score", "json": GOOD}, 404, "not_found"),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_server():
+    with serving(FakeScorer(), **LIMITS) as (srv, client, app):
+        _ready(client)
+        yield client
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_corpus(corpus_server, case):
+    client = corpus_server
+    spec, status, code = BAD_INPUTS[case]
+    spec = dict(spec)
+    if case == "oversized_chunked":
+        spec = _chunks(1024 * 1024)  # a generator is single-use: rebuild it
+    method, path = spec.pop("method", "POST"), spec.pop("path", "/v1/score")
+    t = time.perf_counter()
+    r = client.request(method, path, **spec)
+    _check_error(r, status, code)
+    if "20000" in case:
+        assert time.perf_counter() - t < 1.0  # refused from the header, nothing decoded
+    if case == "scorer_refuses_one_item":
+        assert r.json()["error"]["message"].startswith("items[1]")
+    ok = client.post("/v1/score", json=GOOD)  # and it still serves
+    assert ok.status_code == 200 and set(ok.json()) == {"scores"}
+
+
+def test_bad_input_corpus_never_hit_500(corpus_server):
+    codes = _requests_by_code(_metrics(corpus_server))
+    assert "500" not in codes
+
+
+# ------------------------------------------------------------------------------- load
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_load_many_clients_bounded_queue_no_leaks():
+    duration = float(os.environ.get("ZREWARD_LOAD_TEST_SECONDS", "30"))
+    clients = 32
+    scorer = FakeScorer(latency_s=0.004, latency_per_item_s=0.001)
+    config = dict(max_batch_size=8, max_wait_ms=2.0, max_queue=12, max_items=4, request_timeout_s=20)
+    images = [b64(make_image_bytes(i, (48, 48))) for i in range(8)]
+    with serving(scorer, **config) as (srv, client, app):
+        _ready(client)
+        start = time.monotonic()
+        warm_until, stop_at = start + min(6.0, duration / 5), start + duration
+        lock = threading.Lock()
+        sent = answered = 0
+        codes: collections.Counter = collections.Counter()
+        errors: list = []
+
+        def loop(i: int) -> None:
+            nonlocal sent, answered
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                n = 0
+                while time.monotonic() < stop_at:
+                    n += 1
+                    if n % 4 == 0:
+                        body = {"items": [{"prompt": f"c{i} r{n} k{k}", "image": images[(i + k) % 8]} for k in range(3)]}
+                    else:
+                        body = {"prompt": f"client {i} request {n}", "image": images[(i + n) % 8]}
+                    with lock:
+                        sent += 1
+                    try:
+                        r = c.post("/v1/score", json=body)
+                        if r.status_code == 200:
+                            assert ("results" if "items" in body else "scores") in r.json()
+                        else:
+                            _check_error(r, 429, "queue_full")
+                        with lock:
+                            codes[r.status_code] += 1
+                    except BaseException as e:  # noqa: BLE001 - counted as lost below
+                        with lock:
+                            errors.append(repr(e))
+                    finally:
+                        with lock:
+                            answered += 1
+
+        threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(max(warm_until - time.monotonic(), 0))
+        gc.collect()
+        rss_warm = _rss_bytes()
+        for t in threads:
+            t.join(duration + 60)
+        gc.collect()
+        rss_end = _rss_bytes()
+        stats = app.state.zreward.batcher.stats()
+        server_codes = _requests_by_code(_metrics(client))
+
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[:5]
+    assert sent == answered == sum(codes.values())
+    assert set(codes) <= {200, 429} and codes[200] > 0 and codes[429] > 0, codes
+    assert {int(k): v for k, v in server_codes.items()} == dict(codes)
+    assert stats.max_batch_size_seen > 1 and stats.max_batch_size_seen <= 8
+    assert stats.queue_depth == 0 and stats.in_flight == 0
+    growth = rss_end - rss_warm
+    print(f"\nload: {sent} requests in {duration:.0f} s ({dict(codes)}), mean batch {stats.mean_batch_size:.2f}, "
+          f"RSS {rss_warm / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB")
+    assert growth < 48 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"

@@ -1,0 +1,159 @@
+"""Reading, verifying and writing export bundles (``docs/bundle.md``). Torch-free.
+
+A bundle is trusted only as a whole: every file in the directory except ``manifest.json`` must be
+listed in the manifest with its size and sha256, and every listed file must be there and match.
+Unlisted (extra) files are refused too, not ignored: a stray ``decoder.onnx.data`` from another
+export, or a file dropped in by hand, would otherwise ride along with a bundle that "verified".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "zreward-fast-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+GRAPH_NAMES = ("vision", "decoder")
+
+# Sections the runtime reads, with the type each must have.
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "files": dict,
+    "graphs": dict,
+    "scale": dict,
+    "dimensions": list,
+    "image": dict,
+    "prompt": dict,
+    "tokens": dict,
+}
+_IMAGE_KEYS = ("size", "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
+_TOKEN_KEYS = ("image_token_id", "pad_token_id", "query_token_ids", "score_token_ids")
+_CHUNK = 1 << 20
+
+
+class BundleError(ValueError):
+    """A bundle that must not be loaded: malformed, incomplete, tampered or of an unknown version."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (graphs can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _bundle_files(bundle_dir: Path) -> list[str]:
+    """Every regular file under the bundle, as a posix path relative to it, except the manifest."""
+    names = []
+    for root, dirs, files in os.walk(bundle_dir):
+        dirs.sort()
+        for name in sorted(files):
+            rel = (Path(root) / name).relative_to(bundle_dir).as_posix()
+            if rel != MANIFEST_NAME:
+                names.append(rel)
+    return names
+
+
+def write_manifest(bundle_dir: str | os.PathLike, manifest_without_files: dict) -> dict:
+    """Hash every file of ``bundle_dir`` into ``files`` and write ``manifest.json``; return it.
+
+    Call it last, after every graph, data file and the tokenizer are in place.
+    """
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory not found: {root}")
+    manifest = dict(manifest_without_files)
+    manifest.setdefault("format", FORMAT_NAME)
+    manifest.setdefault("format_version", FORMAT_VERSION)
+    manifest["files"] = {
+        name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
+        for name in _bundle_files(root)
+    }
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def load_manifest(bundle_dir: str | os.PathLike) -> dict:
+    """Parse and check ``manifest.json`` (format, version, required sections); no file hashing."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(f"bundle directory not found: {root}")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{path}: manifest.json is missing; not an export bundle")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: malformed manifest.json ({e})") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: malformed manifest.json (top level is {type(manifest).__name__}, not an object)")
+    if manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise BundleError(
+            f"{path}: unknown format version {version!r}; this runtime reads version {FORMAT_VERSION}"
+        )
+    for key, typ in _REQUIRED.items():
+        if key not in manifest:
+            raise BundleError(f"{path}: malformed manifest.json: missing section {key!r}")
+        if not isinstance(manifest[key], typ):
+            raise BundleError(f"{path}: malformed manifest.json: {key!r} must be a {typ.__name__}")
+    for section, keys in (("image", _IMAGE_KEYS), ("tokens", _TOKEN_KEYS)):
+        absent = [k for k in keys if k not in manifest[section]]
+        if absent:
+            raise BundleError(f"{path}: malformed manifest.json: {section!r} lacks {absent}")
+    if "format" not in manifest["prompt"]:
+        raise BundleError(f"{path}: malformed manifest.json: 'prompt' lacks 'format'")
+    for name, entry in manifest["files"].items():
+        if not _safe_name(name):
+            raise BundleError(f"{path}: file name {name!r} is not a plain relative path inside the bundle")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+            raise BundleError(f"{path}: malformed manifest.json: files[{name!r}] needs 'sha256' and 'bytes'")
+    return manifest
+
+
+def _safe_name(name: str) -> bool:
+    p = Path(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name and name != MANIFEST_NAME
+
+
+def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
+    """Check a bundle completely and return its manifest, or raise :class:`BundleError`.
+
+    Checks: the manifest (see :func:`load_manifest`); both graphs and ``tokenizer.json`` listed;
+    no listed file missing, no file unlisted; every file's size and sha256 as listed.
+    """
+    root = Path(bundle_dir)
+    manifest = load_manifest(root)
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    graphs = manifest["graphs"]
+    for g in GRAPH_NAMES:
+        name = graphs.get(g)
+        if not isinstance(name, str):
+            raise BundleError(f"{root}: manifest.json names no {g} graph (graphs.{g}); the bundle is incomplete")
+        if name not in files:
+            raise BundleError(f"{root}: {g} graph {name!r} is missing from the manifest's file list")
+    if TOKENIZER_NAME not in files:
+        raise BundleError(f"{root}: {TOKENIZER_NAME} is missing from the manifest's file list")
+    present = set(_bundle_files(root))
+    for name in files:
+        if name not in present:
+            raise BundleError(f"{root}: {name} is missing from the bundle directory")
+    extra = sorted(present - set(files))
+    if extra:
+        raise BundleError(f"{root}: files not listed in manifest.json: {extra}; a bundle holds only its listed files")
+    for name, entry in files.items():
+        path = root / name
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(f"{path}: tampered or truncated: {size} bytes, manifest says {entry['bytes']}")
+        digest = sha256_file(path)
+        if digest != entry["sha256"].lower():
+            raise BundleError(f"{path}: tampered: sha256 {digest} does not match the manifest's {entry['sha256']}")
+    return manifest

@@ -1,0 +1,237 @@
+"""Scorer: a verified export bundle served with onnxruntime, with no torch in the process.
+
+One call runs the vision graph on the bucket patches, then the decoder graph (prefill, score head
+at the query positions), and reads each dimension's distribution from its log-probs. The object is
+safe to share between threads: onnxruntime's ``InferenceSession.run`` is thread-safe, the
+tokenizer is only read, and ``score`` keeps all per-call state in locals.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..dimensions import resolve_dimensions
+from ..scale import ScoreResult, ScoreScale
+from .bundle import BundleError, verify_bundle
+from .preprocess import RuntimePreprocessor
+
+VISION_INPUTS = ("pixel_values",)
+VISION_OUTPUTS = ("image_features",)
+DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids", "image_features", "query_positions")
+DECODER_OUTPUTS = ("log_probs", "means")
+# An exporter may prune an input the traced graph never reads (e.g. attention_mask with right
+# padding and causal attention); those are fed only when the graph declares them.
+_OPTIONAL_INPUTS = ("attention_mask", "position_ids")
+
+
+def _check_providers(providers: Sequence[Any] | None) -> list[Any]:
+    """Provider names (or ``(name, options)`` pairs) that this onnxruntime build has."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    providers = list(providers)
+    if not providers:
+        raise ValueError(f"providers is empty; available providers: {available}")
+    for p in providers:
+        name = p[0] if isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[1], dict) else p
+        if not isinstance(name, str):
+            raise TypeError(f"a provider is a name or a (name, options) pair, got {p!r}")
+        if name not in available:
+            raise ValueError(
+                f"execution provider {name!r} is not available in this onnxruntime build "
+                f"({ort.__version__}); available providers: {available}"
+            )
+    return providers
+
+
+class Scorer:
+    """Scores images against prompts with an export bundle.
+
+    Args:
+        bundle_dir: a directory written by ``zreward-fast export`` (see ``docs/bundle.md``); it is
+            verified (format, checksums, completeness) before anything is loaded.
+        providers: onnxruntime execution providers in priority order, e.g.
+            ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; default CPU only.
+        intra_op_num_threads: threads per graph run (onnxruntime's default when ``None``).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike,
+        providers: Sequence[Any] | None = None,
+        intra_op_num_threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        # Cheap argument checks first: verifying hashes a bundle of possibly many GB.
+        self.providers = _check_providers(providers)
+        opts = ort.SessionOptions()
+        if intra_op_num_threads is not None:
+            if not isinstance(intra_op_num_threads, int) or isinstance(intra_op_num_threads, bool) or intra_op_num_threads < 0:
+                raise ValueError(f"intra_op_num_threads must be a non-negative int, got {intra_op_num_threads!r}")
+            opts.intra_op_num_threads = intra_op_num_threads
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest: dict = verify_bundle(self.bundle_dir)
+        self.preprocessor = RuntimePreprocessor.from_bundle(self.bundle_dir, self.manifest)
+        graphs = self.manifest["graphs"]
+        self._vision = self._session(graphs["vision"], opts, VISION_INPUTS, VISION_OUTPUTS)
+        self._decoder = self._session(graphs["decoder"], opts, DECODER_INPUTS, DECODER_OUTPUTS)
+        self._decoder_inputs = frozenset(i.name for i in self._decoder.get_inputs())
+        # Graphs exported with a static batch or length: pad to it instead of failing in onnxruntime.
+        self._fixed_batch = _static_dim(self._vision, "pixel_values", 0) or _static_dim(self._decoder, "input_ids", 0)
+        self._fixed_length = _static_dim(self._decoder, "input_ids", 1)
+
+    def _session(self, name: str, opts: Any, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
+        import onnxruntime as ort
+
+        path = self.bundle_dir / name
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BundleError(f"{path}: onnxruntime cannot load the graph: {e}") from e
+        got_in = {i.name for i in sess.get_inputs()}
+        got_out = {o.name for o in sess.get_outputs()}
+        required = set(inputs) - set(_OPTIONAL_INPUTS)
+        if not required <= got_in <= set(inputs) or not set(outputs) <= got_out:
+            raise BundleError(
+                f"{path}: graph interface differs from the bundle contract: inputs {sorted(got_in)} "
+                f"(expected {sorted(inputs)}), outputs {sorted(got_out)} (expected {sorted(outputs)})"
+            )
+        return sess
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        return self.preprocessor.dimensions
+
+    @property
+    def scale(self) -> ScoreScale:
+        return self.preprocessor.scale
+
+    @property
+    def active_providers(self) -> list[str]:
+        """Providers the sessions actually run on (onnxruntime may fall back)."""
+        return list(self._decoder.get_providers())
+
+    # ------------------------------------------------------------------ scoring
+    def score(
+        self,
+        images: Sequence[Any] | Any,
+        prompts: Sequence[str] | str,
+        dimensions: Sequence[str] | str | None = None,
+        batch_size: int = 16,
+    ) -> list[dict[str, ScoreResult]]:
+        """Score each image against its prompt; one ``{dimension: ScoreResult}`` per image.
+
+        Images may be PIL images, HWC arrays, paths or encoded bytes. A single prompt string with a
+        single image scores one pair. Raises ``ValueError``/``TypeError`` for bad input (the
+        offending index is named) before or without running the graphs on it.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+            if not isinstance(images, (list, tuple)):
+                images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"images must be a list or tuple of images, got {type(images).__name__}")
+        images, prompts = list(images), list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        if not prompts:
+            return []
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        dims = resolve_dimensions(dimensions, self.dimensions)
+        # Cheap checks of every prompt first, so a bad prompt fails before any compute.
+        for i, p in enumerate(prompts):
+            try:
+                self.preprocessor.student_texts([p], dims)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"prompt {i}: {e}") from e
+        if self._fixed_batch:
+            batch_size = min(batch_size, self._fixed_batch)
+        results: list[dict[str, ScoreResult]] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk_images = images[start : start + batch_size]
+            pixel_values = self.preprocessor.pixel_values(chunk_images, first_index=start)
+            log_probs, means = self._run(pixel_values, prompts[start : start + batch_size], dims)
+            results.extend(self._results(log_probs, means, dims))
+        return results
+
+    def _run(self, pixel_values: np.ndarray, prompts: list[str], dims: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        n = len(prompts)
+        text = self.preprocessor.text_inputs(prompts, dims, length=self._fixed_length)
+        if self._fixed_batch and n < self._fixed_batch:
+            # Static-batch graph: repeat the last row to fill it; the extra rows are dropped.
+            pad = self._fixed_batch - n
+            pixel_values = _pad_rows(pixel_values, pad, axis=0)
+            text = {k: _pad_rows(v, pad, axis=1 if k == "position_ids" else 0) for k, v in text.items()}
+        (features,) = self._vision.run(list(VISION_OUTPUTS), {"pixel_values": pixel_values})
+        feeds = {
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "position_ids": text["position_ids"],
+            "image_features": np.asarray(features, dtype=np.float32),
+            "query_positions": text["query_positions"],
+        }
+        feeds = {k: v for k, v in feeds.items() if k in self._decoder_inputs}
+        log_probs, means = self._decoder.run(list(DECODER_OUTPUTS), feeds)
+        log_probs, means = np.asarray(log_probs)[:n], np.asarray(means)[:n]
+        k = self.scale.num_levels
+        if log_probs.shape != (n, len(dims), k) or means.shape != (n, len(dims)):
+            raise RuntimeError(
+                f"decoder returned log_probs {log_probs.shape} and means {means.shape}; expected "
+                f"{(n, len(dims), k)} and {(n, len(dims))}"
+            )
+        if not (np.isfinite(log_probs).all() and np.isfinite(means).all()):
+            raise RuntimeError("decoder returned non-finite scores (NaN or inf)")
+        return log_probs, means
+
+    def _results(self, log_probs: np.ndarray, means: np.ndarray, dims: tuple[str, ...]) -> list[dict[str, ScoreResult]]:
+        levels = np.asarray(self.scale.levels, dtype=np.float64)
+        probs = np.exp(log_probs.astype(np.float64))
+        probs /= probs.sum(-1, keepdims=True)  # remove float32 rounding: probabilities sum to 1
+        out = []
+        for i in range(probs.shape[0]):
+            row = {}
+            for j, d in enumerate(dims):
+                mu = float(means[i, j])
+                var = float(np.sum(probs[i, j] * (levels - mu) ** 2))
+                row[d] = ScoreResult(mu, math.sqrt(max(var, 0.0)), tuple(float(p) for p in probs[i, j]))
+            out.append(row)
+        return out
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Run only the vision graph: ``[B, P, D]`` patches -> ``[B, N, hidden]`` features
+        (the exporter calibrates the decoder on these)."""
+        (features,) = self._vision.run(list(VISION_OUTPUTS), {"pixel_values": pixel_values})
+        return np.asarray(features, dtype=np.float32)
+
+    def warmup(self) -> None:
+        """Run one dummy batch so that lazy allocation and kernel selection happen before traffic."""
+        gray = np.full((self.preprocessor.image_size, self.preprocessor.image_size, 3), 128, dtype=np.uint8)
+        self.score([gray], ["warmup"])
+
+    def __repr__(self) -> str:
+        return f"Scorer({str(self.bundle_dir)!r}, providers={self.active_providers}, dimensions={list(self.dimensions)})"
+
+
+def _static_dim(session: Any, name: str, axis: int) -> int | None:
+    """The input's size along ``axis`` when the graph fixes it, else ``None`` (dynamic)."""
+    for i in session.get_inputs():
+        if i.name == name and len(i.shape) > axis and isinstance(i.shape[axis], int) and i.shape[axis] > 0:
+            return int(i.shape[axis])
+    return None
+
+
+def _pad_rows(a: np.ndarray, pad: int, axis: int) -> np.ndarray:
+    """Append ``pad`` copies of the last batch row along ``axis``."""
+    last = np.take(a, [-1], axis=axis)
+    return np.concatenate([a, np.repeat(last, pad, axis=axis)], axis=axis)
