@@ -1,0 +1,421 @@
+"""Export-friendly torch modules for ``vision.onnx`` and ``decoder.onnx`` (see docs/bundle.md).
+
+The Hugging Face Qwen3.5 modules are written for training and generation: packed vision
+sequences split by ``cu_seqlens``, masked scatters with data-dependent sizes, grids read with
+``.tolist()``, caches, and a Gated DeltaNet whose chunk loop is a Python loop over a
+data-dependent count. None of that traces to a graph with a dynamic batch and length. These
+modules hold references to the HF Linear / Norm / MLP submodules (the weights are shared, not
+copied) and re-implement only the parts that do not trace:
+
+* vision: the patch embedding as a matmul (Conv3d with kernel == stride is one), the position
+  embeddings and the rotary cos/sin of the one bucket grid as buffers, and each image as its own
+  batch row of plain attention over its P patches (no ``cu_seqlens``);
+* decoder: the image-feature merge by gather, the M-RoPE cos/sin from ``position_ids``, the
+  causal + padding mask from ``attention_mask``, the Gated DeltaNet layers, and the score head
+  on the K score rows of the LM head at ``query_positions``.
+
+Gated DeltaNet comes in two forms (``gdn=``):
+
+* ``"decomposed"``: standard ops only (the portable path, for TensorRT). The chunked (WY) form of
+  the gated delta rule with a fixed chunk of 64: the length is padded to a chunk multiple inside
+  the graph, the unit-lower-triangular UT system of each chunk is inverted by log2(64) = 6
+  block-doubling steps (static shapes, no triangular solve op), and the state is carried across
+  the dynamic number of chunks by ``torch._higher_order_ops.scan`` (an ONNX ``Scan``).
+* ``"contrib"``: onnxruntime's ``com.microsoft::CausalConvWithState`` and
+  ``com.microsoft::GatedDeltaNet``, emitted through two ``torch.library`` custom ops whose eager
+  implementations are the decomposed math (the ONNX translations live in ``onnx_export.py``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._higher_order_ops.scan import scan  # traces to one ONNX Scan over a dynamic chunk count
+
+GDN_FORMS = ("contrib", "decomposed")
+CHUNK_SIZE = 64
+L2NORM_EPS = 1e-6  # HF / FLA: x * rsqrt(sum(x^2) + 1e-6)
+
+
+def check_gdn_form(gdn: str) -> str:
+    if gdn not in GDN_FORMS:
+        raise ValueError(f"gdn must be one of {GDN_FORMS}, got {gdn!r}")
+    return gdn
+
+
+# --------------------------------------------------------------------------- gated delta rule
+def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3.5's decay and update rate: ``g = -exp(A_log) * softplus(a + dt_bias)``, ``beta = sigmoid(b)``."""
+    g = -a_log.float().exp() * F.softplus(a.float() + dt_bias)
+    return g, b.sigmoid()
+
+
+def unit_lower_inverse(n: torch.Tensor) -> torch.Tensor:
+    """``(I + n)^-1`` for strictly lower-triangular ``n [..., C, C]``, C a power of two.
+
+    Block doubling: with the diagonal blocks of size s already inverted, each 2s block
+    ``[[A, 0], [X, B]]`` has the inverse ``[[A^-1, 0], [-B^-1 X A^-1, B^-1]]``. log2(C) steps of
+    batched matmuls with static shapes: what a triangular solve would give, in ops every back end
+    has (no unrolled forward substitution of C steps).
+    """
+    c = n.shape[-1]
+    if c & (c - 1):
+        raise ValueError(f"chunk size must be a power of two, got {c}")
+    lead = n.shape[:-2]
+    flat = n.reshape(-1, c * c)
+    inv = torch.ones_like(flat[:, :c]).reshape(-1, c, 1, 1)  # the 1x1 diagonal blocks of I + n
+    s = 1
+    while s < c:
+        nb = c // (2 * s)
+        pair = inv.reshape(-1, nb, 2, s, s)
+        a_inv, b_inv = pair[:, :, 0], pair[:, :, 1]
+        # lower-left s x s block of each 2s diagonal block: rows b*2s+s+r, columns b*2s+col
+        blk = torch.arange(nb).view(nb, 1, 1) * (2 * s)
+        idx = (blk + s + torch.arange(s).view(1, s, 1)) * c + blk + torch.arange(s).view(1, 1, s)
+        x = flat.index_select(1, idx.reshape(-1).to(n.device)).reshape(-1, nb, s, s)
+        low = -(b_inv @ x @ a_inv)
+        top = torch.cat([a_inv, torch.zeros_like(a_inv)], dim=-1)
+        bottom = torch.cat([low, b_inv], dim=-1)
+        inv = torch.cat([top, bottom], dim=-2)
+        s *= 2
+    return inv.reshape(*lead, c, c)
+
+
+def chunk_gated_delta_rule(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    chunk_size: int = CHUNK_SIZE, qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """The gated delta rule in chunked (WY) form, as HF's ``torch_chunk_gated_delta_rule`` with
+    ``use_qk_l2norm_in_kernel=qk_l2norm`` and no initial state, but traceable with a dynamic length.
+
+    query, key [B, L, Hk, dk]; value [B, L, Hv, dv]; g, beta [B, L, Hv] -> [B, L, Hv, dv].
+    """
+    dtype = query.dtype
+    bsz, length, hk, dk = key.shape
+    hv, dv = value.shape[-2:]
+    if hv != hk:  # each query/key head serves hv // hk consecutive value heads (repeat_interleave)
+        r = hv // hk
+        query = query.unsqueeze(3).expand(bsz, length, hk, r, dk).reshape(bsz, length, hv, dk)
+        key = key.unsqueeze(3).expand(bsz, length, hk, r, dk).reshape(bsz, length, hv, dk)
+    q, k, v, beta, g = (x.transpose(1, 2).float() for x in (query, key, value, beta, g))
+    if qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q * dk**-0.5
+
+    # Pad the length to a chunk multiple: append one zero chunk, then keep the first
+    # ceil(L / C) * C steps with an index. Unlike F.pad by (-L) % C, nothing here lets the exporter
+    # derive a guard that would specialise the length.
+    c = chunk_size
+    chunks = (length + c - 1) // c
+    keep = torch.arange(chunks * c, device=q.device)
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        zeros = torch.zeros(*x.shape[:2], c, *x.shape[3:], dtype=x.dtype, device=x.device)
+        return torch.cat([x, zeros], dim=2).index_select(2, keep)
+
+    q, k, v = (pad(x).reshape(bsz, hv, chunks, c, x.shape[-1]) for x in (q, k, v))
+    beta, g = (pad(x.unsqueeze(-1)).reshape(bsz, hv, chunks, c) for x in (beta, g))
+    k_beta = k * beta.unsqueeze(-1)
+    v_beta = v * beta.unsqueeze(-1)
+
+    cum = g.cumsum(-1)  # [B, H, n, C]
+    upper = torch.ones(c, c, dtype=torch.bool, device=q.device).triu(1)
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(upper, float("-inf")).exp()
+    lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(-1)
+    ut = ((k_beta @ k.transpose(-1, -2)) * decay).masked_fill(~lower, 0.0)
+    intra = (q @ k.transpose(-1, -2)) * decay
+    t_inv = unit_lower_inverse(ut)
+    new_values = t_inv @ v_beta
+    k_cumdecay = t_inv @ (k_beta * cum.exp().unsqueeze(-1))
+    q = q * cum.exp().unsqueeze(-1)
+    k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, H, n, 1, 1]
+
+    def step(state: torch.Tensor, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        q_i, k_i, u_i, w_i, a_i, d_i = xs
+        v_new = u_i - w_i @ state
+        out = q_i @ state + a_i @ v_new
+        return state * d_i + k_i.transpose(-1, -2) @ v_new, out
+
+    first = [x.movedim(2, 0) for x in (q, k, new_values, k_cumdecay, intra, chunk_decay)]
+    state0 = torch.zeros(bsz, hv, dk, dv, dtype=torch.float32, device=q.device)
+    _, out = scan(step, state0, first)  # out [n, B, H, C, dv]
+    out = out.movedim(0, 2).reshape(bsz, hv, chunks * c, dv)
+    out = out.index_select(2, torch.arange(length, device=q.device))  # drop the padding
+    return out.transpose(1, 2).to(dtype)
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal conv + SiLU on channels-last ``x [B, L, C]`` with ``weight [C, 1, K]``."""
+    length = x.shape[1]
+    y = F.conv1d(x.transpose(1, 2), weight, bias, padding=weight.shape[-1] - 1, groups=weight.shape[0])
+    return F.silu(y[:, :, :length]).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- contrib custom ops
+# Opaque to torch.export; onnx_export.py translates them to com.microsoft ops. Their eager bodies
+# are the decomposed math, so the torch module computes the same thing in either form.
+@torch.library.custom_op("zreward_fast::gated_delta_net", mutates_args=())
+def gated_delta_net_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+    a_log: torch.Tensor, dt_bias: torch.Tensor,
+) -> torch.Tensor:
+    """GatedDeltaNet with fused gates (softplus decay, sigmoid beta) on l2-normalised q and k.
+
+    The l2 norm stays outside the op: onnxruntime's fused ``qk_l2_norm`` uses another epsilon
+    than HF's ``rsqrt(sum(x^2) + 1e-6)``, visible (~1e-2 relative) when the q/k norms are small.
+    """
+    g, beta = gdn_gates(a, b, a_log, dt_bias)
+    return chunk_gated_delta_rule(query, key, value, g, beta, qk_l2norm=False).contiguous()
+
+
+@gated_delta_net_op.register_fake
+def _(query, key, value, a, b, a_log, dt_bias):  # noqa: ANN001, ANN202
+    return torch.empty_like(value)
+
+
+@torch.library.custom_op("zreward_fast::causal_conv1d_silu", mutates_args=())
+def causal_conv1d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """CausalConvWithState (channels last, SiLU, zero past state)."""
+    return causal_conv1d_silu(x, weight, bias).contiguous()
+
+
+@causal_conv1d_op.register_fake
+def _(x, weight, bias=None):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+# --------------------------------------------------------------------------- vision
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ExportVision(nn.Module):
+    """The vision tower for one fixed bucket: ``pixel_values [B, P, D] -> image_features [B, N, H]``.
+
+    The bucket grid is baked in: the interpolated position embeddings and the rotary cos/sin
+    are buffers computed here from the tower's current weights (build this module after any
+    weight update).
+    """
+
+    def __init__(self, rm: Any) -> None:
+        super().__init__()
+        visual = rm.model.model.visual
+        proc = rm.processor
+        cfg = visual.config
+        t, gh, gw = proc.grid_thw
+        if (cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size) != (
+            proc.patch_size, proc.merge_size, proc.temporal_patch_size
+        ):
+            raise ValueError("the processor's patch/merge/temporal sizes differ from the vision config's")
+        self.num_patches = t * gh * gw
+        self.merge_unit = cfg.spatial_merge_size**2
+        self.num_heads = cfg.num_heads
+        self.patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        self.proj = visual.patch_embed.proj  # Conv3d, kernel == stride: applied as a matmul
+        self.blocks = visual.blocks
+        self.merger = visual.merger
+        if self.merger.use_postshuffle_norm:
+            raise ValueError("post-shuffle merger norm is not supported")
+        grid = torch.tensor([[t, gh, gw]], dtype=torch.long, device=visual.pos_embed.weight.device)
+        with torch.no_grad():
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+            idx, w = get_vision_interpolation_indices_and_weights(
+                grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners, spatial_merge_size=cfg.spatial_merge_size,
+            )
+            pos = (visual.pos_embed(idx) * w[:, :, None]).sum(1)
+            cos, sin = visual.rotary_pos_emb(pos, get_vision_position_ids(grid, visual.spatial_merge_size))
+        self.register_buffer("pos_embeds", pos.detach().clone(), persistent=False)  # [P, E]
+        self.register_buffer("rope_cos", cos.float().unsqueeze(1).contiguous(), persistent=False)  # [P, 1, hd]
+        self.register_buffer("rope_sin", sin.float().unsqueeze(1).contiguous(), persistent=False)
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        bsz, p, e = x.shape
+        qkv = attn.qkv(x).reshape(bsz, p, 3, self.num_heads, -1)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, P, h, hd]
+        dtype = q.dtype
+        q = (q.float() * self.rope_cos + _rotate_half(q.float()) * self.rope_sin).to(dtype)
+        k = (k.float() * self.rope_cos + _rotate_half(k.float()) * self.rope_sin).to(dtype)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # [B, h, P, hd]
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling
+        probs = torch.softmax(scores.float(), dim=-1).to(dtype)
+        out = (probs @ v).transpose(1, 2).reshape(bsz, p, e)
+        return attn.proj(out)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
+        x = F.linear(pixel_values.to(weight.dtype), weight, self.proj.bias)  # [B, P, E]
+        x = x + self.pos_embeds.to(x.dtype)
+        for blk in self.blocks:
+            x = x + self._attention(blk.attn, blk.norm1(x))
+            x = x + blk.mlp(blk.norm2(x))
+        m = self.merger
+        x = m.norm(x)
+        x = x.reshape(x.shape[0], self.num_patches // self.merge_unit, -1)
+        return m.linear_fc2(m.act_fn(m.linear_fc1(x)))
+
+
+# --------------------------------------------------------------------------- decoder
+class _GatedDeltaNet(nn.Module):
+    """Qwen3_5GatedDeltaNet in prefill without a cache, in one of the two GDN forms."""
+
+    def __init__(self, hf: nn.Module, gdn: str) -> None:
+        super().__init__()
+        if hf.activation not in ("silu", "swish"):
+            raise ValueError(f"GatedDeltaNet conv activation {hf.activation!r} is not supported (silu only)")
+        self.hf = hf
+        self.gdn = check_gdn_form(gdn)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = self.hf
+        x = x * mask  # HF zeroes padded positions before the token mixer
+        bsz, length = x.shape[:2]
+        qkv = m.in_proj_qkv(x)
+        z = m.in_proj_z(x).reshape(bsz, length, m.num_v_heads, m.head_v_dim)
+        b, a = m.in_proj_b(x), m.in_proj_a(x)
+        if self.gdn == "contrib":
+            qkv = torch.ops.zreward_fast.causal_conv1d_silu(qkv, m.conv1d.weight, m.conv1d.bias)
+        else:
+            qkv = causal_conv1d_silu(qkv, m.conv1d.weight, m.conv1d.bias)
+        q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
+        q = q.reshape(bsz, length, m.num_k_heads, m.head_k_dim)
+        k = k.reshape(bsz, length, m.num_k_heads, m.head_k_dim)
+        v = v.reshape(bsz, length, m.num_v_heads, m.head_v_dim)
+        if self.gdn == "contrib":
+            q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
+            out = torch.ops.zreward_fast.gated_delta_net(q, k, v, a, b, m.A_log, m.dt_bias)
+        else:
+            g, beta = gdn_gates(a, b, m.A_log, m.dt_bias)
+            out = chunk_gated_delta_rule(q, k, v, g, beta)
+        out = m.norm(out, z)  # gated RMSNorm over each value head
+        return m.out_proj(out.reshape(bsz, length, -1))
+
+
+class _Attention(nn.Module):
+    """Qwen3_5Attention (gated output, q/k norm, partial rotary) with an explicit additive mask."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+        self.num_heads = hf.config.num_attention_heads
+        self.num_kv_heads = hf.config.num_key_value_heads
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        m = self.hf
+        bsz, length = x.shape[:2]
+        hd = m.head_dim
+        q, gate = torch.chunk(m.q_proj(x).reshape(bsz, length, self.num_heads, 2 * hd), 2, dim=-1)
+        gate = gate.reshape(bsz, length, -1)
+        q = m.q_norm(q).transpose(1, 2)  # [B, h, L, hd]
+        k = m.k_norm(m.k_proj(x).reshape(bsz, length, self.num_kv_heads, hd)).transpose(1, 2)
+        v = m.v_proj(x).reshape(bsz, length, self.num_kv_heads, hd).transpose(1, 2)
+        rd = cos.shape[-1]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = torch.cat([q[..., :rd] * cos + _rotate_half(q[..., :rd]) * sin, q[..., rd:]], dim=-1)
+        k = torch.cat([k[..., :rd] * cos + _rotate_half(k[..., :rd]) * sin, k[..., rd:]], dim=-1)
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:
+            k = k.unsqueeze(2).expand(bsz, self.num_kv_heads, rep, length, hd).reshape(bsz, self.num_heads, length, hd)
+            v = v.unsqueeze(2).expand(bsz, self.num_kv_heads, rep, length, hd).reshape(bsz, self.num_heads, length, hd)
+        scores = (q @ k.transpose(-1, -2)) * m.scaling + bias
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = (probs @ v).transpose(1, 2).reshape(bsz, length, -1)
+        return m.o_proj(out * torch.sigmoid(gate))
+
+
+class _DecoderLayer(nn.Module):
+    def __init__(self, hf: nn.Module, gdn: str) -> None:
+        super().__init__()
+        self.linear = hf.block_type == "linear_attention"
+        self.mixer = _GatedDeltaNet(hf.linear_attn, gdn) if self.linear else _Attention(hf.self_attn)
+        self.input_layernorm = hf.input_layernorm
+        self.post_attention_layernorm = hf.post_attention_layernorm
+        self.mlp = hf.mlp
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        h = self.mixer(h, mask) if self.linear else self.mixer(h, cos, sin, bias)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ExportDecoder(nn.Module):
+    """Prefill decoder plus score head, the ``decoder.onnx`` interface of docs/bundle.md.
+
+    ``forward(input_ids [B, L], attention_mask [B, L], position_ids [3, B, L],
+    image_features [B, N, H], query_positions [B, D]) -> (log_probs [B, D, K], means [B, D])``.
+    Batch, length and D are free; the K score rows of the LM head (and bias) are copied into
+    buffers, so the full LM head is not part of the graph.
+    """
+
+    def __init__(self, rm: Any, gdn: str = "contrib") -> None:
+        super().__init__()
+        self.gdn = check_gdn_form(gdn)
+        lm = rm.model.model.language_model
+        cfg = lm.config
+        self.embed_tokens = lm.embed_tokens
+        self.layers = nn.ModuleList([_DecoderLayer(layer, gdn) for layer in lm.layers[: cfg.num_hidden_layers]])
+        self.norm = lm.norm
+        self.image_token_id = int(rm.processor.image_token_id)
+        self.temperature = float(rm.temperature)
+        rotary = lm.rotary_emb
+        self.attention_scaling = float(rotary.attention_scaling)
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        # Interleaved M-RoPE: frequency j reads the T, H or W position (HF recomposition_frequencies).
+        n = rotary.inv_freq.shape[0]
+        axis = torch.zeros(n, dtype=torch.long)
+        for dim, offset in ((1, 1), (2, 2)):
+            axis[slice(offset, rotary.mrope_section[dim] * 3, 3)] = dim
+        self.register_buffer("mrope_select", F.one_hot(axis, 3).T.float().reshape(3, 1, 1, n), persistent=False)
+        head = rm.lm_head
+        ids = rm.score_token_ids.to(head.weight.device)
+        self.register_buffer("score_weight", head.weight.detach()[ids].clone(), persistent=False)  # [K, H]
+        bias = getattr(head, "bias", None)
+        self.register_buffer("score_bias", None if bias is None else bias.detach()[ids].clone(), persistent=False)
+        self.register_buffer("levels", rm.levels.detach().float().clone(), persistent=False)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, L, rotary_dim] from M-RoPE ``position_ids [3, B, L]``."""
+        pos = (position_ids.float().unsqueeze(-1) * self.mrope_select).sum(0)  # [B, L, n]: exact select
+        freqs = pos * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def merge_image_features(self, input_ids: torch.Tensor, embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Replace row b's image-token embeddings, in order, by ``image_features[b]`` (a gather)."""
+        is_image = input_ids == self.image_token_id
+        idx = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(0, image_features.shape[1] - 1)
+        feats = torch.gather(image_features.to(embeds.dtype), 1, idx.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        return torch.where(is_image.unsqueeze(-1), feats, embeds)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+        image_features: torch.Tensor, query_positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.merge_image_features(input_ids, self.embed_tokens(input_ids), image_features)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        length = input_ids.shape[1]
+        steps = torch.arange(length, device=input_ids.device)
+        keep = attention_mask.bool()
+        allowed = (steps.unsqueeze(0) <= steps.unsqueeze(1)).unsqueeze(0) & keep.unsqueeze(1)  # [B, L, L]
+        bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min).to(x.dtype).unsqueeze(1)  # [B, 1, L, L]
+        mask = keep.to(x.dtype).unsqueeze(-1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, bias, mask)
+        x = self.norm(x)
+        rows = torch.gather(x, 1, query_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, D, H]
+        z = rows.float() @ self.score_weight.float().T
+        if self.score_bias is not None:
+            z = z + self.score_bias.float()
+        log_probs = torch.log_softmax(z / self.temperature, dim=-1)
+        means = (log_probs.exp() * self.levels).sum(-1)
+        return log_probs, means
