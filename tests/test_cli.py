@@ -38,4 +38,4 @@ def test_score_errors(model_dir, tmp_path, capsys):
     assert main(["score", "--model", str(tmp_path / "none"), "--image", str(good), "--prompt", "x"]) == 2
     assert "config.json" in capsys.readouterr().err
     assert main(["score", "--bundle", str(tmp_path), "--image", str(good), "--prompt", "x"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert "manifest" in capsys.readouterr().err

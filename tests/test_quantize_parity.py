@@ -111,9 +111,11 @@ def test_check_thresholds_messages():
     fails = check_thresholds(r, "none")
     assert fails == ["realism: mean |Δμ| 0.0355 > 0.001", "realism: max |Δμ| 0.071 > 0.001"]
     worse = parity_report(ref, test[::-1], LEVELS, ["realism"], [(0, 1)])
-    assert "realism: pairwise agreement 0 < 0.98" in check_thresholds(worse, DEFAULT_THRESHOLDS["int8-static"])
+    assert "all dimensions: pooled pairwise agreement 0 < 0.98" in check_thresholds(worse, DEFAULT_THRESHOLDS["int8-static"])
+    assert "realism: pairwise agreement 0 < 0.98" in check_thresholds(worse, {"pair_agreement": 0.98})
     no_pairs = parity_report(ref, test, LEVELS, ["realism"])
-    assert check_thresholds(no_pairs, "fp8") == ["realism: pairwise agreement not measured (no untied pairs)"]
+    assert check_thresholds(no_pairs, "fp8") == ["all dimensions: pooled pairwise agreement not measured (no untied pairs)"]
+    assert check_thresholds(no_pairs, {"pair_agreement": 0.98}) == ["realism: pairwise agreement not measured (no untied pairs)"]
     with pytest.raises(ValueError, match="unknown threshold"):
         check_thresholds(r, {"mean_dmu": 0.1})
     with pytest.raises(ValueError, match="unknown mode"):
@@ -124,7 +126,7 @@ def test_default_thresholds_cover_every_mode():
     assert set(DEFAULT_THRESHOLDS) == {"none", "int8-dynamic", "int8-static", "fp8"}
     assert DEFAULT_THRESHOLDS["none"]["max_abs_dmu"] == 1e-3
     for mode in ("int8-dynamic", "int8-static", "fp8"):
-        assert DEFAULT_THRESHOLDS[mode] == {"mean_abs_dmu": 0.05, "pair_agreement": 0.98}
+        assert DEFAULT_THRESHOLDS[mode] == {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -687,3 +689,20 @@ def test_build_engine_with_tensorrt(mimic_graphs, tmp_path):
                                workspace_gb=1.0)
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     assert runtime.deserialize_cuda_engine(engine.read_bytes()) is not None
+
+
+def test_parity_pairs_per_dimension_and_pooled():
+    levels = np.linspace(0.0, 4.0, 9)
+    ref = np.zeros((4, 2, 9))
+    # item means on dim a: 4, 0, 4, 0 ; on dim b: 0, 4, 0, 4 (one-hot distributions)
+    ref[[0, 2], 0, 8] = ref[[1, 3], 0, 0] = 1.0
+    ref[[0, 2], 1, 0] = ref[[1, 3], 1, 8] = 1.0
+    test = ref.copy()
+    test[1] = test[0]  # item 1 now looks like item 0: the (0, 1) preference is lost on both dims
+    rep = parity_report(ref, test, levels, ["a", "b"], {"a": [(0, 1), (2, 3)], "b": [(2, 3)]})
+    assert rep["dimensions"]["a"]["pairs_compared"] == 2 and rep["dimensions"]["a"]["pair_agreement"] == 0.5
+    assert rep["dimensions"]["b"]["pairs_compared"] == 1 and rep["dimensions"]["b"]["pair_agreement"] == 1.0
+    assert rep["overall"]["pair_agreement"] == 0.5
+    assert rep["overall"]["pair_agreement_pooled"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="unknown dimensions"):
+        parity_report(ref, test, levels, ["a", "b"], {"c": [(0, 1)]})

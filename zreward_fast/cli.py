@@ -17,10 +17,27 @@ def _print_scores(scores: dict, levels: Sequence[float]) -> None:
         print(f"{dim:<13} {r.mean:6.3f} {r.std:6.3f}   {probs}")
 
 
+def _score_bundle(args: argparse.Namespace) -> int:
+    # The runtime path imports no torch: `score --bundle` works in a torch-free environment.
+    from .imaging import ImageError
+    from .runtime import BundleError, Scorer
+
+    try:
+        scorer = Scorer(args.bundle)
+        (scores,) = scorer.score([args.image], [args.prompt], dimensions=args.dimensions)
+    except (ImageError, BundleError, ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"scores": {d: r.to_dict() for d, r in scores.items()}}))
+    else:
+        _print_scores(scores, scorer.scale.levels)
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     if args.bundle is not None:
-        print("error: --bundle needs the ONNX runtime, which is not built yet; use --model DIR", file=sys.stderr)
-        return 2
+        return _score_bundle(args)
     from .imaging import ImageError, load_image
     from .modeling import ZRewardModel
 
@@ -94,6 +111,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.api import ExportParityError, export_bundle
+
+    try:
+        result = export_bundle(args.model, args.out, quantize=args.quantize, calib_dir=args.calib, gdn=args.gdn,
+                               force=args.force, num_pairs=args.pairs, overwrite=args.overwrite)
+    except ExportParityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(json.dumps(e.report.get("overall", {}), indent=1), file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    overall = result.parity.get("overall", {})
+    print(json.dumps({"bundle": str(result.path), "quantization": result.manifest["quantization"]["mode"],
+                      "gdn": result.manifest["gdn"], "parity_overall": overall, "failures": result.failures}, indent=1))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .runtime import BundleError
+    from .runtime.server import run_server
+
+    config = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                                "max_queue": args.max_queue, "api_key": args.api_key}.items() if v is not None}
+    try:
+        run_server(args.bundle, host=args.host, port=args.port, providers=args.providers, **config)
+    except (BundleError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zreward-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +158,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=cmd_score)
+
+    e = sub.add_parser("export", help="export a student to an ONNX bundle (optionally quantized), with a parity report")
+    e.add_argument("--model", required=True, help="directory of a saved ZRewardModel")
+    e.add_argument("--out", required=True, help="bundle directory to write")
+    e.add_argument("--quantize", default="none", choices=["none", "int8", "int8-dynamic", "int8-static", "fp8"],
+                   help="int8 = dynamic per-channel (CPU); int8-static and fp8 are QDQ calibrated on images")
+    e.add_argument("--calib", default=None, help="directory of calibration images (default: synthetic images)")
+    e.add_argument("--gdn", default="contrib", choices=["contrib", "decomposed"],
+                   help="Gated DeltaNet as onnxruntime contrib ops, or decomposed into standard ops (TensorRT)")
+    e.add_argument("--pairs", type=int, default=200, help="held-out synthetic pairs for the parity report")
+    e.add_argument("--force", action="store_true", help="write the bundle even if it misses its parity thresholds")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    e.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI on uvicorn, dynamic batching)")
+    sv.add_argument("--bundle", required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers (default: CPU)")
+    sv.add_argument("--max-batch-size", type=int, default=None)
+    sv.add_argument("--max-wait-ms", type=float, default=None)
+    sv.add_argument("--max-queue", type=int, default=None)
+    sv.add_argument("--api-key", default=None, help="require this key (default: $ZREWARD_API_KEY, if set)")
+    sv.set_defaults(func=cmd_serve)
 
     tr = sub.add_parser("train", help="train a teacher with GDSO or a student with RISD")
     tr.add_argument("algorithm", choices=["gdso", "risd"])

@@ -1,0 +1,196 @@
+"""End to end: a ZRewardModel exported to a bundle and scored by the torch-free runtime."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import zreward_fast as zf
+from zreward_fast import ZRewardModel
+from zreward_fast.cli import main
+from zreward_fast.export.api import ExportParityError, export_bundle, held_out_pairs
+from zreward_fast.runtime import BundleError, Scorer
+from zreward_fast.testing import demo_model, tiny_model
+from zreward_fast.training.data import read_manifest, write_synthetic_dataset
+from zreward_fast.training.risd import RISDConfig, RISDTrainer
+
+
+@pytest.fixture(scope="module")
+def rm():
+    return ZRewardModel(*tiny_model(seed=0)).eval()
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(rm, tmp_path_factory):
+    return export_bundle(rm, tmp_path_factory.mktemp("b") / "fp32", num_pairs=50, progress=False)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A slightly trained tiny student (RISD on synthetic ground truth, 200 steps): untrained random
+    models score all images nearly alike, which makes pairwise agreement meaningless."""
+    tmp = tmp_path_factory.mktemp("student")
+    data = write_synthetic_dataset(tmp / "data", 400, seed=5, size=128, kinds=("risd",))
+    model = ZRewardModel(*demo_model(seed=0))
+    cfg = RISDConfig(batch_size=16, learning_rate=5e-4, max_steps=200, train_vision=True, seed=0)
+    trainer = RISDTrainer(model, cfg, train_records=read_manifest(data["risd"], "risd"))
+    trainer.train()
+    trainer.save_pretrained(tmp / "model")
+    return tmp / "model"
+
+
+def _means(results, dims=zf.DIMENSIONS):
+    return np.array([[r[d].mean for d in dims] for r in results])
+
+
+def test_fp32_bundle_matches_pytorch(rm, fp32_bundle):
+    report = fp32_bundle.parity
+    assert report["overall"]["max_abs_dmu"] <= 1e-3 and not fp32_bundle.failures
+    images, prompts, _ = held_out_pairs(6)
+    scorer = Scorer(fp32_bundle.path)
+    got, want = scorer.score(images, prompts), rm.score(images, prompts)
+    assert np.abs(_means(got) - _means(want)).max() <= 1e-3
+    for g, w in zip(got, want):
+        for d in zf.DIMENSIONS:
+            np.testing.assert_allclose(g[d].probs, w[d].probs, atol=1e-4)
+    single = scorer.score(images[:2], prompts[:2], dimensions=["realism"])
+    assert [list(r) for r in single] == [["realism"]] * 2
+
+
+def test_manifest_carries_everything_the_runtime_needs(fp32_bundle):
+    m = json.loads((fp32_bundle.path / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["gdn"] == "contrib" and m["quantization"]["mode"] == "none"
+    assert set(m["files"]) == {"vision.onnx", "decoder.onnx", "tokenizer.json"}
+    assert m["dimensions"] == list(zf.DIMENSIONS) and m["scale"]["levels"][-1] == 4.0
+    assert "{queries}" in m["prompt"]["format"]["student"] and m["image"]["size"] == 64
+    assert m["parity"]["pairs"] == 50 and "mean_abs_dmu" in m["parity"]["overall"]
+
+
+def test_int8_bundle_of_a_trained_student_keeps_preferences(student, tmp_path):
+    res = export_bundle(student, tmp_path / "int8", quantize="int8", num_pairs=200, progress=False, force=True)
+    overall = res.parity["overall"]
+    print("int8 parity on 200 held-out pairs:", json.dumps(overall))
+    assert res.parity["pairs"] == 200
+    assert overall["mean_abs_dmu"] <= 0.05
+    # pooled over the 200 pairs (each compared on the dimension it was degraded on); per dimension
+    # the report keeps the breakdown (an alignment barely learned in 200 steps has near-ties)
+    assert overall["pair_agreement_pooled"] >= 0.98, res.failures
+    assert not res.failures
+
+
+def test_fp8_and_static_int8_bundles_are_produced_with_parity(rm, tmp_path):
+    for mode in ("fp8", "int8-static"):
+        res = export_bundle(rm, tmp_path / mode, quantize=mode, num_pairs=20, progress=False, force=True)
+        q = res.manifest["quantization"]
+        assert q["mode"] == mode and "synthetic" in q["calibration"]
+        assert np.isfinite(res.parity["overall"]["mean_abs_dmu"])
+        assert Scorer(res.path).score(*held_out_pairs(1)[:2])
+
+
+def test_decomposed_and_contrib_bundles_agree(rm, fp32_bundle, tmp_path):
+    dec = export_bundle(rm, tmp_path / "dec", gdn="decomposed", num_pairs=20, progress=False)
+    assert dec.manifest["gdn"] == "decomposed"
+    images, prompts, _ = held_out_pairs(4)
+    a = _means(Scorer(fp32_bundle.path).score(images, prompts))
+    b = _means(Scorer(dec.path).score(images, prompts))
+    assert np.abs(a - b).max() <= 1e-4
+
+
+def test_external_data_path(rm, tmp_path):
+    res = export_bundle(rm, tmp_path / "ext", num_pairs=10, external_data_threshold=1024, progress=False)
+    files = set(json.loads((res.path / "manifest.json").read_text())["files"])
+    assert {"vision.onnx.data", "decoder.onnx.data"} <= files
+    assert res.parity["overall"]["max_abs_dmu"] <= 1e-3
+
+
+def test_bundle_tampering_and_format_errors(fp32_bundle, tmp_path):
+    import shutil
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(fp32_bundle.path, dst)
+        return dst
+
+    b = copy("tampered")
+    data = bytearray((b / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="tampered|sha256"):
+        Scorer(b)
+    b = copy("missing")
+    (b / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        Scorer(b)
+    b = copy("version")
+    m = json.loads((b / "manifest.json").read_text())
+    m["format_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format.version"):
+        Scorer(b)
+
+
+def test_model_without_score_tokens_is_refused(tmp_path):
+    from zreward_fast.testing import tiny_config, tiny_tokenizer
+    from transformers import Qwen3_5ForConditionalGeneration
+    from zreward_fast.prompting import CHAT_SPECIAL_TOKENS
+
+    tok = tiny_tokenizer()
+    vocab = tok.get_vocab()
+    model = Qwen3_5ForConditionalGeneration(tiny_config(len(tok), {t: vocab[t] for t in CHAT_SPECIAL_TOKENS}))
+    model.save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="add_score_tokens"):
+        export_bundle(tmp_path / "plain", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parity_failure_refuses_unless_forced(rm, tmp_path):
+    strict = {"none": {"max_abs_dmu": 0.0, "pair_agreement": 1.01}}
+    with pytest.raises(ExportParityError, match="pair") as e:
+        export_bundle(rm, tmp_path / "strict", num_pairs=5, thresholds=strict, progress=False)
+    assert e.value.failures and not (tmp_path / "strict").exists()
+    res = export_bundle(rm, tmp_path / "forced", num_pairs=5, thresholds=strict, force=True, progress=False)
+    assert res.failures and json.loads((res.path / "manifest.json").read_text())["parity"]["failures"]
+
+
+def test_runtime_scores_a_real_bundle_without_torch(fp32_bundle, rm):
+    images, prompts, _ = held_out_pairs(1)
+    img_path = Path(fp32_bundle.path).parent / "img.png"
+    images[0].save(img_path)
+    want = rm.score([images[0]], [prompts[0]])[0]["realism"].mean
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from zreward_fast.runtime import Scorer
+r = Scorer({str(fp32_bundle.path)!r}).score([{str(img_path)!r}], [{prompts[0]!r}])
+assert 'torch' not in sys.modules and 'transformers' not in sys.modules
+print(r[0]['realism'].mean)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert abs(float(out.stdout.strip().splitlines()[-1]) - want) <= 1e-3
+
+
+def test_cli_export_and_score_bundle(tmp_path, capsys):
+    assert main(["tiny", "--out", str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    assert main(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "bundle"), "--pairs", "5"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["quantization"] == "none" and summary["failures"] == []
+    images, prompts, _ = held_out_pairs(1)
+    images[0].save(tmp_path / "img.png")
+    assert main(["score", "--bundle", str(tmp_path / "bundle"), "--image", str(tmp_path / "img.png"),
+                 "--prompt", prompts[0], "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)["scores"]
+    assert list(scores) == list(zf.DIMENSIONS)
+    assert main(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "bundle"), "--pairs", "5"]) == 2
+    assert "exists" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""``export_bundle``: a trained student -> a verified, optionally quantized bundle.
+
+Steps: export fp32 ``vision.onnx`` and ``decoder.onnx``; quantize them (int8 dynamic for CPU, int8
+static QDQ or fp8 QDQ calibrated on images); add ``tokenizer.json`` and the manifest (sha256 of
+every file); score held-out synthetic pairs with the PyTorch model and with the bundle through the
+torch-free runtime; store the parity report in the manifest. A bundle that misses its parity
+thresholds is not written unless ``force`` is set; the error names the numbers that failed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..modeling import ZRewardModel
+
+QUANT_MODES = ("none", "int8-dynamic", "int8-static", "fp8")
+CLI_QUANT_ALIASES = {"none": "none", "int8": "int8-dynamic", "int8-dynamic": "int8-dynamic",
+                     "int8-static": "int8-static", "fp8": "fp8"}
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20  # protobuf's 2 GB limit, less headroom
+
+
+class ExportParityError(RuntimeError):
+    """The exported bundle scores too differently from the PyTorch model."""
+
+    def __init__(self, failures: list[str], report: dict) -> None:
+        super().__init__("bundle misses its parity thresholds (use --force to write it anyway): " + "; ".join(failures))
+        self.failures, self.report = failures, report
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict
+    parity: dict
+    failures: list[str]
+
+
+def _progress(iterable, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, disable=not enabled)
+
+
+def held_out_pairs(num_pairs: int, seed: int = 12345, size: int = 128) -> tuple[list, list[str], dict[str, list]]:
+    """Synthetic clean/degraded pairs, rotating over the dimensions: images, prompts, and per
+    dimension the index pairs that differ on it (by 1, 2 or 3 points)."""
+    from ..dimensions import DIMENSIONS
+    from ..training.synthetic import degraded_pair
+
+    images, prompts, pairs = [], [], {d: [] for d in DIMENSIONS}
+    for i in range(num_pairs):
+        dim = DIMENSIONS[i % len(DIMENSIONS)]
+        clean, bad = degraded_pair(seed + i, dim, size, drop=1.0 + (i // len(DIMENSIONS)) % 3)
+        pairs[dim].append((len(images), len(images) + 1))
+        images += [clean.image, bad.image]
+        prompts += [clean.prompt, bad.prompt]
+    return images, prompts, pairs
+
+
+def calibration_images(calib_dir: str | Path | None, count: int = 32, seed: int = 777) -> tuple[list, list[str]]:
+    """Images (and prompts) for static calibration: a directory of images, or synthetic ones."""
+    if calib_dir is not None:
+        root = Path(calib_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"calibration directory not found: {root}")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not files:
+            raise ValueError(f"no images (png, jpg, webp, bmp) in {root}")
+        prompts_file = root / "prompts.json"
+        names = json.loads(prompts_file.read_text()) if prompts_file.is_file() else {}
+        return [str(f) for f in files[:count]], [names.get(f.name, "a picture") for f in files[:count]]
+    from ..training.synthetic import make_sample
+
+    samples = [make_sample(seed + i) for i in range(count)]
+    return [s.image for s in samples], [s.prompt for s in samples]
+
+
+def _probs_from_results(results: list[dict], dims: Sequence[str]) -> np.ndarray:
+    return np.array([[r[d].probs for d in dims] for r in results], dtype=np.float64)
+
+
+def export_bundle(
+    model: ZRewardModel | str | Path,
+    out_dir: str | Path,
+    quantize: str = "none",
+    calib_dir: str | Path | None = None,
+    gdn: str = "contrib",
+    force: bool = False,
+    num_pairs: int = 200,
+    thresholds: dict | None = None,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    opset: int = 18,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExportResult:
+    """Export ``model`` (a :class:`ZRewardModel` or a saved model directory) to a bundle."""
+    from ..runtime import Scorer
+    from ..runtime.bundle import write_manifest
+    from .manifest import manifest_from_processor
+    from .onnx_export import export_decoder, export_vision
+    from .parity import DEFAULT_THRESHOLDS, check_thresholds, parity_report
+
+    mode = CLI_QUANT_ALIASES.get(quantize)
+    if mode is None:
+        raise ValueError(f"quantize must be one of {sorted(CLI_QUANT_ALIASES)}, got {quantize!r}")
+    if gdn not in ("contrib", "decomposed"):
+        raise ValueError(f"gdn must be 'contrib' or 'decomposed', got {gdn!r}")
+    if num_pairs < 1:
+        raise ValueError("num_pairs must be >= 1")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty")
+    rm = ZRewardModel.from_pretrained(model) if isinstance(model, (str, Path)) else model
+    rm = rm.eval().float()
+    thresholds = (thresholds or DEFAULT_THRESHOLDS)[mode]
+
+    work = Path(tempfile.mkdtemp(prefix="zreward-export-"))
+    try:
+        fp32, bundle = work / "fp32", work / "bundle"
+        fp32.mkdir()
+        bundle.mkdir()
+        steps = _progress(["vision", "decoder"], "export", progress)
+        for name in steps:
+            if name == "vision":
+                export_vision(rm, fp32 / "vision.onnx", opset=opset, external_data_threshold_bytes=external_data_threshold)
+            else:
+                export_decoder(rm, fp32 / "decoder.onnx", gdn=gdn, opset=opset,
+                               external_data_threshold_bytes=external_data_threshold)
+        rm.processor.tokenizer.save_pretrained(work / "tok")
+        manifest = manifest_from_processor(rm.processor)
+        manifest.update({"format": "zreward-fast-bundle", "format_version": 1, "created_by": f"zreward-fast {__version__}",
+                         "graphs": {"vision": "vision.onnx", "decoder": "decoder.onnx"}, "gdn": gdn, "opset": opset})
+        if mode == "none":
+            for f in fp32.iterdir():
+                shutil.copy2(f, bundle / f.name)
+            manifest["quantization"] = {"mode": "none"}
+        else:
+            shutil.copy2(work / "tok" / "tokenizer.json", fp32 / "tokenizer.json")
+            write_manifest(fp32, dict(manifest, quantization={"mode": "none"}))
+            manifest["quantization"] = _quantize(fp32, bundle, mode, calib_dir, external_data_threshold, progress)
+        shutil.copy2(work / "tok" / "tokenizer.json", bundle / "tokenizer.json")
+        manifest = write_manifest(bundle, manifest)
+
+        images, prompts, pairs = held_out_pairs(num_pairs)
+        dims = rm.dimensions
+        ref = _probs_from_results(rm.score(images, prompts, dims), dims)
+        scorer = Scorer(bundle)
+        test = _probs_from_results(scorer.score(images, prompts, dims), dims)
+        report = parity_report(ref, test, np.array(rm.scale.levels), dims, {d: pairs[d] for d in dims if d in pairs})
+        failures = check_thresholds(report, thresholds)
+        report.update({"thresholds": thresholds, "failures": failures, "images": len(images), "pairs": num_pairs,
+                       "held_out": "synthetic clean/degraded pairs (zreward_fast.training.synthetic)"})
+        manifest["parity"] = report
+        manifest = write_manifest(bundle, manifest)
+        if failures and not force:
+            raise ExportParityError(failures, report)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(bundle), str(out))
+        return ExportResult(out, manifest, report, failures)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold: int, progress: bool) -> dict:
+    """Quantize both graphs; static modes calibrate on images run through the fp32 bundle."""
+    from .quantize import ArrayCalibrationReader, quantize_bundle_graph
+
+    readers: dict[str, Any] = {"vision": None, "decoder": None}
+    calibration = None
+    if mode in ("int8-static", "fp8"):
+        from ..runtime.preprocess import RuntimePreprocessor
+        from ..runtime.scorer import Scorer
+
+        images, prompts = calibration_images(calib_dir)
+        calibration = str(calib_dir) if calib_dir is not None else f"{len(images)} synthetic images"
+        scorer = Scorer(fp32)
+        pre: RuntimePreprocessor = scorer.preprocessor
+        vision_feeds, decoder_feeds = [], []
+        for i in _progress(range(0, len(images), 4), "calibration inputs", progress):
+            px = pre.pixel_values(images[i : i + 4])
+            text = pre.text_inputs(prompts[i : i + 4], scorer.dimensions)
+            feats = scorer.image_features(px)
+            vision_feeds.append({"pixel_values": px})
+            decoder_feeds.append({
+                "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                "position_ids": text["position_ids"], "image_features": feats,
+                "query_positions": text["query_positions"],
+            })
+        readers = {"vision": ArrayCalibrationReader(vision_feeds), "decoder": ArrayCalibrationReader(decoder_feeds)}
+    reports = {}
+    for name in ("vision", "decoder"):
+        src = fp32 / f"{name}.onnx"
+        external = (fp32 / f"{name}.onnx.data").exists() or src.stat().st_size > external_threshold
+        reports[name] = quantize_bundle_graph(src, bundle / f"{name}.onnx", mode, readers[name], external_data=external)
+    return {"mode": mode, "calibration": calibration, "graphs": reports}
