@@ -138,8 +138,10 @@ def tiny_model(
     with gen:
         torch.manual_seed(seed)
         model = Qwen3_5ForConditionalGeneration(config)
-        # Larger-than-default random score rows so an untrained tiny model gives spread-out scores.
-        model.lm_head.weight.data.normal_(0.0, 0.5)
+        # Larger-than-default random score rows so an untrained model gives spread-out scores; the
+        # std scales with 1/sqrt(hidden) so score logits have std ~4 at any width (sharper would
+        # make an untrained model's distributions one-hot, and any perturbation flip them).
+        model.lm_head.weight.data.normal_(0.0, 4.0 / config.text_config.hidden_size**0.5)
     add_score_tokens(tokenizer, model, scale=scale, dimensions=DIMENSIONS)
     model = model.to(dtype).eval()
     processor = ZRewardProcessor(tokenizer, image_size=image_size, scale=scale, dimensions=DIMENSIONS)

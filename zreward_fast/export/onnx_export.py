@@ -172,13 +172,19 @@ def _name_dims(model: Any, axes: dict[tuple[str, int], str]) -> None:
         value.shape = ir.Shape(dims)
 
 
+KEPT_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
 def _strip_metadata(model: Any) -> None:
     """Drop the exporter's per-node metadata (FX node text, source stack traces with local file
-    paths): about 1 KB a node that no runtime reads."""
+    paths): about 1 KB a node that no runtime reads. The module path of each node
+    (``name_scopes``) stays: quantization decides by it which layers keep full precision."""
     import onnx_ir as ir
 
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        kept = {k: v for k, v in node.metadata_props.items() if k in KEPT_METADATA}
         node.metadata_props.clear()
+        node.metadata_props.update(kept)
         for value in node.outputs:
             value.metadata_props.clear()
     for value in list(model.graph.inputs) + list(model.graph.initializers.values()):

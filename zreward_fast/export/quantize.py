@@ -59,6 +59,10 @@ EXCLUDE_PATTERNS: dict[str, str] = {
     "gdn_gate": r"in_proj_a|in_proj_b|in_proj_ba|a_log|dt_bias|dt_proj",
     # The GDN short causal convolution.
     "gdn_conv": r"conv1d",
+    # The GDN output projection reads norm(core) * silu(z): the SiLU gate makes per-channel
+    # outliers that per-tensor activation quantization crushes (measured on a random hidden-512
+    # student: this one 512x512 layer alone moved the mean score by 0.14 of a 0..4 scale).
+    "gdn_out": r"out_proj",
     # The vision patch embedding reads raw normalised pixels: the first layer, kept exact.
     "patch_embed": r"patch_embed|patch_embeds|patch_embedding|patch_embeddings",
     # The score head (K score rows of the LM head, or a separate head): it sets the distribution.

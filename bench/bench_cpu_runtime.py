@@ -1,0 +1,119 @@
+"""CPU runtime benchmark: a small student scored by transformers eager fp32, by the fp32 ONNX
+bundle and by the int8 bundle (onnxruntime, CPU), measured side by side in one run.
+
+    python bench/bench_cpu_runtime.py [--repeats 20] [--out-dir bench/results/<cpu>]
+
+The student is random (``zreward_fast.testing.small_model``: hidden 512, 8 layers, 224x224
+bucket); timing does not depend on the weights. Reports batch-1 latency and batch-8 throughput,
+as ratios to transformers eager, and each bundle's parity against the PyTorch model.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.pop("TRITON_INTERPRET", None)  # the torch path must be plain eager, not the interpreter
+
+from bench_score_head import device_name  # noqa: E402
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=100, help="held-out pairs for each bundle's parity report")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from zreward_fast import ZRewardModel
+    from zreward_fast.export.api import export_bundle
+    from zreward_fast.runtime import Scorer
+    from zreward_fast.testing import small_model
+    from zreward_fast.training.synthetic import make_sample
+
+    out_dir = Path(args.out_dir or Path(__file__).parent / "results" / device_name("cpu"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rm = ZRewardModel(*small_model(seed=0)).eval()
+    samples = [make_sample(100 + i, 224) for i in range(args.batch)]
+    images, prompts = [s.image for s in samples], [s.prompt for s in samples]
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        impls = {"transformers-eager-fp32": (lambda b: rm.score(images[:b], prompts[:b]), None)}
+        for mode in ("none", "int8"):
+            res = export_bundle(rm, Path(tmp) / mode, quantize=mode, num_pairs=args.pairs, force=True, progress=False)
+            scorer = Scorer(res.path)
+            name = "onnx-fp32" if mode == "none" else "onnx-int8-dynamic"
+            impls[name] = ((lambda s: (lambda b: s.score(images[:b], prompts[:b])))(scorer), res.parity["overall"])
+        with torch.inference_mode():
+            for name, (fn, parity) in impls.items():
+                lat = timed(lambda: fn(1), args.repeats)
+                thr = timed(lambda: fn(args.batch), max(3, args.repeats // 4))
+                rows.append({
+                    "impl": name, "device": device_name("cpu"), "threads": torch.get_num_threads(),
+                    "b1_ms_median": 1e3 * statistics.median(lat), "b1_ms_p90": 1e3 * float(np.percentile(lat, 90)),
+                    f"b{args.batch}_images_per_s": args.batch / statistics.median(thr),
+                    "mean_abs_dmu": parity["mean_abs_dmu"] if parity else 0.0,
+                    "pair_agreement": parity["pair_agreement"] if parity else 1.0,
+                })
+    base = rows[0]
+    tkey = f"b{args.batch}_images_per_s"
+    for r in rows:
+        r["b1_speedup"] = base["b1_ms_median"] / r["b1_ms_median"]
+        r["throughput_ratio"] = r[tkey] / base[tkey]
+    path = out_dir / "cpu_runtime.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    _plot(rows, tkey, out_dir / "cpu_runtime.png")
+    print(f"small student (hidden 512, 8 layers, 224x224), CPU {rows[0]['device']}, torch threads {rows[0]['threads']}")
+    print(f"{'impl':24s} {'b1 ms':>8s} {'b1 x':>6s} {tkey:>18s} {'thr x':>6s} {'mean|dmu|':>10s} {'pairs ok':>9s}")
+    for r in rows:
+        print(f"{r['impl']:24s} {r['b1_ms_median']:8.1f} {r['b1_speedup']:6.2f} {r[tkey]:18.1f} "
+              f"{r['throughput_ratio']:6.2f} {r['mean_abs_dmu']:10.4f} {r['pair_agreement']:9.3f}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _plot(rows, tkey, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    names = [r["impl"] for r in rows]
+    ax[0].bar(names, [r["b1_ms_median"] for r in rows], color="#4c72b0")
+    ax[0].set_ylabel("batch-1 latency (ms)")
+    ax[1].bar(names, [r[tkey] for r in rows], color="#55a868")
+    ax[1].set_ylabel(tkey.replace("_", " "))
+    for a in ax:
+        a.tick_params(axis="x", rotation=15)
+    fig.suptitle("small student on CPU: transformers eager vs ONNX bundles")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
