@@ -11,6 +11,11 @@ OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 FAILED=()
 BUDGET_S="${BUDGET_S:-560}"  # the whole script stays inside one 600 s device call
+# Which steps to run, in order (a device session may split them over two calls):
+#   bash bench/gpu_check.sh                 # GPU tests + the four kernel benchmarks (one call)
+#   STEPS=engine bash bench/gpu_check.sh    # the scoring engine benchmark (a second call)
+STEPS="${STEPS:-tests,score_head,gdso,risd,grpo}"
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 START_S=$SECONDS
 step() {  # step NAME SECONDS CMD...: run with a timeout, record failure, keep going
     local name=$1 secs=$2; shift 2
@@ -74,17 +79,19 @@ except Exception as e:
 # The kernels dispatch to the interpreter only for TRITON_INTERPRET == "1"; conftest uses
 # setdefault, so exporting 0 here keeps the compiled GPU kernels.
 export TRITON_INTERPRET=0
-step gpu_tests 200 bash -o pipefail -c "'$PY' -m pytest -m gpu tests -q -rs -x 2>&1 | tee '$OUT/gpu_tests.txt'"
+want tests && step gpu_tests 200 bash -o pipefail -c "'$PY' -m pytest -m gpu tests -q -rs 2>&1 | tee '$OUT/gpu_tests.txt'"
 
 # Benchmarks at the DESIGN.md section 7 shapes (bf16), side by side in one run.
-step bench_score_head 90 "$PY" bench/bench_score_head.py --device cuda --N 4096 --H 4096 --V 248320 \
+want score_head && step bench_score_head 90 "$PY" bench/bench_score_head.py --device cuda --N 4096 --H 4096 --V 248320 \
     --K 9 --dtype bf16 --out-dir "$OUT"
-step bench_gdso_loss 60 "$PY" bench/bench_gdso_loss.py --device cuda --P 64 --G 8 --K 9 --dtype bf16 --out-dir "$OUT"
-step bench_risd_loss 90 "$PY" bench/bench_risd_loss.py --device cuda --N 4096 --H 4096 --V 248320 --K 9 \
+want gdso && step bench_gdso_loss 60 "$PY" bench/bench_gdso_loss.py --device cuda --P 64 --G 8 --K 9 --dtype bf16 --out-dir "$OUT"
+want risd && step bench_risd_loss 90 "$PY" bench/bench_risd_loss.py --device cuda --N 4096 --H 4096 --V 248320 --K 9 \
     --dtype bf16 --out-dir "$OUT"
-step bench_grpo_loss 180 "$PY" bench/bench_grpo_loss.py --device cuda --B 16 --T 768 --H 4096 --V 248320 \
+want grpo && step bench_grpo_loss 180 "$PY" bench/bench_grpo_loss.py --device cuda --B 16 --T 768 --H 4096 --V 248320 \
     --dtype bf16 --impls eager,eager-native,compile-native,liger,triton --chunk auto,512,2048 --repeats 5 \
     --warmup 1 --max-seconds 10 --out-dir "$OUT"
+
+want engine && step bench_engine 300 "$PY" bench/bench_engine.py --quick --out-dir "$OUT"
 
 echo "=== summary ($OUT/summary.csv)"
 "$PY" bench/summarize.py "$OUT" || FAILED+=("summary")

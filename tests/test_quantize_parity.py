@@ -230,10 +230,10 @@ class Mimic(nn.Module):
 
 
 QUANTIZED = {f"layers.{i}.{m}" for i in (0, 1) for m in (
-    "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    "linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
 EXCLUDED = {"patch_embed.proj": "name:patch_embed", "score": "name:score_head"} | {
-    f"layers.{i}.linear_attn.in_proj_{g}": "name:gdn_gate" for i in (0, 1) for g in ("a", "b")}
+    f"layers.{i}.linear_attn.in_proj_{g}": "name:gdn_gate" for i in (0, 1) for g in ("a", "b")} | {
+    f"layers.{i}.linear_attn.out_proj": "name:gdn_out" for i in (0, 1)}
 
 
 def _export(module, args, path: Path, dynamo: bool, names=("x",), dyn_axes=None, **kw) -> Path:
@@ -274,8 +274,9 @@ def test_selection_on_both_exporters(mimic_graphs, dynamo):
     modules = {n["node"]: n["module"] for n in report["nodes"]}
     assert {modules[n] for n in q} == QUANTIZED
     assert {modules[n]: report["excluded_nodes"][n] for n in x} == EXCLUDED
-    assert report["candidates"] == 18 and report["quantized"] == 12 and report["excluded"] == 6
-    assert report["excluded_by_reason"] == {"name:gdn_gate": 4, "name:patch_embed": 1, "name:score_head": 1}
+    assert report["candidates"] == 18 and report["quantized"] == 10 and report["excluded"] == 8
+    assert report["excluded_by_reason"] == {"name:gdn_gate": 4, "name:gdn_out": 2, "name:patch_embed": 1,
+                                            "name:score_head": 1}
     assert json.loads(json.dumps(report)) == report
 
 
