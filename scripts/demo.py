@@ -1,65 +1,155 @@
-"""`make demo`: build a tiny reward model, save it, score generated images through the CLI.
+"""`make demo`: the whole product on one CPU machine in a few minutes.
 
-The model is random (training lands with the GDSO/RISD trainers), so the scores are random too;
-what the demo shows is the path: a Qwen3.5 VLM with score tokens, the fixed-bucket processor,
-the fused score head, `from_pretrained` and the `zreward-fast score` command.
+1. synthetic data: procedurally drawn images whose four scores are known by construction;
+2. a tiny Qwen3.5 student trained with RISD on teacher distributions. No reasoning teacher is
+   trained here (too slow for a CPU demo): the targets are distributions derived from the
+   synthetic ground truth (`soft_targets`: peaked at the known score);
+3. export to an int8 ONNX bundle, with its parity report against the PyTorch student;
+4. `zreward-fast serve` on loopback; held-out clean and degraded images scored over HTTP;
+5. a table: per dimension, mean score of clean against degraded images, HPA on the held-out
+   pairs, and request latency.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
+import os
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+os.environ.pop("TRITON_INTERPRET", None)
+
+TRAIN_SAMPLES = int(os.environ.get("DEMO_TRAIN_SAMPLES", 800))
+TRAIN_STEPS = int(os.environ.get("DEMO_TRAIN_STEPS", 600))
+PAIRS_PER_DIM = int(os.environ.get("DEMO_PAIRS_PER_DIM", 25))
+SIZE = 128
 
 
-def draw_images(out: Path) -> list[tuple[str, Path]]:
-    rng = np.random.default_rng(0)
-    items = []
-    base = Image.new("RGB", (256, 256), (235, 235, 245))
-    d = ImageDraw.Draw(base)
-    d.ellipse((70, 60, 190, 180), fill=(220, 30, 30))
-    d.rectangle((0, 200, 256, 256), fill=(90, 160, 90))
-    items.append(("a red circle above green grass", base))
-    noisy = np.asarray(base, np.float32) + rng.normal(0, 60, (256, 256, 3))
-    items.append(("a red circle above green grass", Image.fromarray(noisy.clip(0, 255).astype(np.uint8))))
-    items.append(("a red circle above green grass", base.filter(ImageFilter.GaussianBlur(6))))
-    blue = Image.new("RGB", (300, 200), (20, 20, 60))
-    ImageDraw.Draw(blue).rectangle((100, 50, 200, 150), fill=(40, 80, 230))
-    items.append(("a blue square at night", blue))
-    paths = []
-    for i, (prompt, img) in enumerate(items):
-        p = out / f"image_{i}.webp"
-        img.save(p)
-        paths.append((prompt, p))
-    return paths
+def log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict, float]:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), time.perf_counter() - t
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), time.perf_counter() - t
+
+
+def png_b64(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def main() -> int:
-    exe = [sys.executable, "-m", "zreward_fast.cli"]
+    import torch
+
+    from zreward_fast import ZRewardModel
+    from zreward_fast.export.api import export_bundle
+    from zreward_fast.testing import demo_model
+    from zreward_fast.training.data import read_manifest, write_synthetic_dataset
+    from zreward_fast.training.risd import RISDConfig, RISDTrainer
+    from zreward_fast.training.synthetic import DIMENSIONS, degraded_pair
+
+    torch.manual_seed(0)
+    t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([*exe, "tiny", "--out", str(tmp / "model"), "--seed", "0"], check=True)
-        rows = []
-        for prompt, path in draw_images(tmp):
-            t = time.perf_counter()
-            res = subprocess.run(
-                [*exe, "score", "--model", str(tmp / "model"), "--image", str(path), "--prompt", prompt, "--json"],
-                check=True, capture_output=True, text=True,
-            )
-            rows.append((path.name, prompt, json.loads(res.stdout)["scores"], time.perf_counter() - t))
-    dims = list(rows[0][2])
+        log(f"drawing {TRAIN_SAMPLES} synthetic training images ({SIZE}x{SIZE}) with known scores")
+        data = write_synthetic_dataset(tmp / "data", TRAIN_SAMPLES, seed=5, size=SIZE, kinds=("risd",))
+        log(f"training a tiny Qwen3.5 student with RISD for {TRAIN_STEPS} steps "
+            "(targets: distributions derived from the synthetic ground truth, not a trained teacher)")
+        rm = ZRewardModel(*demo_model(seed=0))
+        cfg = RISDConfig(batch_size=16, learning_rate=5e-4, max_steps=TRAIN_STEPS, train_vision=True, seed=0,
+                         output_dir=str(tmp / "risd"))
+        trainer = RISDTrainer(rm, cfg, train_records=read_manifest(data["risd"], "risd"))
+        state = trainer.train()
+        losses = [h["loss"] for h in state.history if "loss" in h]
+        log(f"RISD loss {statistics.mean(losses[:20]):.3f} (first 20 steps) -> {statistics.mean(losses[-20:]):.3f} (last 20)")
+        trainer.save_pretrained(tmp / "student")
+
+        log("exporting an int8 bundle (dynamic per-channel) with a parity report on 200 held-out pairs")
+        result = export_bundle(tmp / "student", tmp / "bundle", quantize="int8", num_pairs=200, force=True)
+        parity = result.parity["overall"]
+        if result.failures:
+            log(f"parity thresholds missed (written with force): {result.failures}")
+
+        port = free_port()
+        log(f"starting `zreward-fast serve` on 127.0.0.1:{port}")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "zreward_fast.cli", "serve", "--bundle", str(tmp / "bundle"), "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.time() + 120
+            while True:
+                try:
+                    with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    pass
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"server did not become ready: {server.stderr.read() if server.stderr else ''}")
+                time.sleep(0.3)
+            log(f"server ready; scoring {PAIRS_PER_DIM} held-out clean/degraded pairs per dimension over HTTP")
+            rows, latencies = {}, []
+            for k, dim in enumerate(DIMENSIONS):
+                clean_scores, bad_scores, hits = [], [], 0
+                for i in range(PAIRS_PER_DIM):
+                    clean, bad = degraded_pair(700_000 + 1000 * k + i, dim, SIZE, drop=2.0)
+                    status, body, secs = post(base + "/v1/score", {"items": [
+                        {"prompt": clean.prompt, "image": png_b64(clean.image)},
+                        {"prompt": bad.prompt, "image": png_b64(bad.image)}]})
+                    if status != 200:
+                        raise RuntimeError(f"HTTP {status}: {body}")
+                    latencies.append(secs)
+                    c, b = (r["scores"][dim]["mean"] for r in body["results"])
+                    clean_scores.append(c)
+                    bad_scores.append(b)
+                    hits += c > b
+                rows[dim] = (statistics.mean(clean_scores), statistics.mean(bad_scores), hits / PAIRS_PER_DIM)
+            with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
     print()
-    print("NOTE: the model is a tiny RANDOM Qwen3.5 (no training yet): these scores are random.")
-    print(f"{'image':<12} {'prompt':<32} " + " ".join(f"{d[:12]:>12}" for d in dims) + "   cli s")
-    for name, prompt, scores, secs in rows:
-        cells = " ".join(f"{scores[d]['mean']:6.2f}±{scores[d]['std']:<5.2f}" for d in dims)
-        print(f"{name:<12} {prompt:<32} {cells}   {secs:5.1f}")
-    print("(mean ± std of each dimension's distribution over the 9 levels 0.0 .. 4.0)")
+    print("zreward-fast demo: tiny RISD student (targets derived from synthetic ground truth), int8 ONNX bundle, HTTP")
+    print(f"{'dimension':<13} {'clean':>6} {'degraded':>9} {'HPA':>6}   (degraded by 2.0 points on that dimension only)")
+    for dim, (c, b, h) in rows.items():
+        print(f"{dim:<13} {c:6.2f} {b:9.2f} {h:6.2f}")
+    lat = sorted(latencies)
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+    print(f"HTTP latency per request (2 images): p50 {1e3 * statistics.median(lat):.1f} ms, p99 {1e3 * p99:.1f} ms "
+          f"over {len(lat)} requests")
+    print(f"int8 bundle parity vs PyTorch: mean |dmu| {parity['mean_abs_dmu']:.4f}, "
+          f"pairwise agreement {parity['pair_agreement']:.3f}")
+    served = [ln for ln in metrics.splitlines() if ln.startswith("zreward_http_requests_total") and "score" in ln]
+    batches = [ln for ln in metrics.splitlines() if ln.startswith(("zreward_batch_size_sum", "zreward_batch_size_count"))]
+    if served:
+        print("server metrics: " + "; ".join(served[:3] + batches))
+    print(f"total {time.time() - t0:.0f} s")
     return 0
 
 
