@@ -1,13 +1,11 @@
 """End to end: a ZRewardModel exported to a bundle and scored by the torch-free runtime."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import zreward_fast as zf
 from zreward_fast import ZRewardModel

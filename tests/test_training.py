@@ -131,7 +131,7 @@ def _risd(records, seed=0, **kw):
 def test_risd_loss_goes_down_and_only_score_rows_train(data, tmp_path):
     records = read_manifest(data["risd"], "risd")[:4]  # one fixed batch
     tr = _risd(records)
-    head = tr.reward_model_head = tr._unwrapped().reward_model.lm_head
+    head = tr._unwrapped().reward_model.lm_head
     assert not head.weight.requires_grad
     opt_params = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
     assert id(head.weight) not in opt_params and id(tr._unwrapped().score_rows) in opt_params
