@@ -146,6 +146,7 @@ def export_bundle(
             write_manifest(fp32, dict(manifest, quantization={"mode": "none"}))
             manifest["quantization"] = _quantize(fp32, bundle, mode, calib_dir, external_data_threshold, progress)
         shutil.copy2(work / "tok" / "tokenizer.json", bundle / "tokenizer.json")
+        manifest["opset"] = _graph_opset(bundle / "decoder.onnx")  # quantizers may raise it (fp8: 19)
         manifest = write_manifest(bundle, manifest)
 
         images, prompts, pairs = held_out_pairs(num_pairs)
@@ -168,6 +169,13 @@ def export_bundle(
         return ExportResult(out, manifest, report, failures)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _graph_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold: int, progress: bool) -> dict:
