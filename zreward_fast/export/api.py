@@ -151,9 +151,13 @@ def export_bundle(
 
         images, prompts, pairs = held_out_pairs(num_pairs)
         dims = rm.dimensions
-        ref = _probs_from_results(rm.score(images, prompts, dims), dims)
         scorer = Scorer(bundle)
-        test = _probs_from_results(scorer.score(images, prompts, dims), dims)
+        ref_results, test_results = [], []
+        for i in _progress(range(0, len(images), 32), "parity", progress):
+            ref_results += rm.score(images[i : i + 32], prompts[i : i + 32], dims)
+            test_results += scorer.score(images[i : i + 32], prompts[i : i + 32], dims)
+        ref = _probs_from_results(ref_results, dims)
+        test = _probs_from_results(test_results, dims)
         report = parity_report(ref, test, np.array(rm.scale.levels), dims, {d: pairs[d] for d in dims if d in pairs})
         failures = check_thresholds(report, thresholds)
         report.update({"thresholds": thresholds, "failures": failures, "images": len(images), "pairs": num_pairs,
