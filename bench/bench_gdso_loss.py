@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
-import math
 import os
 import statistics
 import subprocess
@@ -35,19 +33,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import device_name as _device_name, quantile  # noqa: E402
 CSV_FIELDS = ["impl", "P", "G", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90", "speedup_vs_eager", "note"]
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 HP = dict(alpha_pt=1.0, alpha_pw=1.0, lambda_pt=0.5, lambda_pw=0.5, eps=1e-4)
-
-
-def _score_head_bench():
-    """bench_score_head.py as a module (its top level only defines things), for its helpers."""
-    spec = importlib.util.spec_from_file_location("_bench_score_head", ROOT / "bench" / "bench_score_head.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,13 +96,6 @@ def time_ms(torch, fn, repeats: int, warmup: int, cuda: bool) -> list[float]:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def interpreter_smoke(P, G, K) -> str:
@@ -172,7 +157,7 @@ def main(argv=None) -> int:
     if gpu and not torch.cuda.is_available():
         print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    device_name = _score_head_bench().device_name(args.device)
+    device_name = _device_name(args.device)
     dtype = getattr(torch, args.dtype)
     short = SHORT[args.dtype]
     dev = args.device

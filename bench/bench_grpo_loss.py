@@ -35,14 +35,14 @@ import csv
 import gc
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import device_name, quantile  # noqa: E402
 CSV_FIELDS = ["impl", "B", "T", "H", "V", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_extra_mb", "speedup_vs_eager", "note"]
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -82,27 +82,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.repeats = a.repeats or (10 if gpu else 5)
     a.warmup = a.warmup if a.warmup is not None else 1
     return a
-
-
-def device_name(device: str) -> str:
-    """Same naming as bench/bench_score_head.py, so both write into one results folder."""
-    import torch
-
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        name = "cpu-" + (_cpu_model() or platform.machine())
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}-{os.cpu_count()}c"
-    except OSError:
-        pass
-    return ""
 
 
 def native_grpo_token_loss(hidden, weight, token_ids, mask, advantages, old_logprobs=None, ref_logprobs=None,
@@ -195,13 +174,6 @@ class Timer:
                 res.append((time.perf_counter() - t0) * 1e3)
             del out
         return res
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _err_msg(e: BaseException) -> str:

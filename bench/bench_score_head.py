@@ -24,14 +24,14 @@ import argparse
 import csv
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import device_name, quantile  # noqa: E402
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_mem_mb", "speedup_vs_gathered_eager", "weight_grad", "note"]
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -68,26 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 1)
     a.weight_grad = a.weight_grad or ("both" if gpu else "yes")
     return a
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        name = "cpu-" + (_cpu_model() or platform.machine())
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}-{os.cpu_count()}c"
-    except OSError:
-        pass
-    return ""
 
 
 def make_inputs(n, h, v, k, dtype, device, bias, weight_grad, seed=0):
@@ -154,13 +134,6 @@ class Timer:
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
         return times, peak
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def main(argv=None) -> int:
