@@ -156,11 +156,9 @@ def risd_loss(
     hidden [N, H] at the student's query positions, weight [V, H] (or just the K score rows with
     token_ids = arange(K)), teacher_probs [N, K]. reduction: "mean" over N, "sum", or "none" [N].
     """
-    w = weight[token_ids].float()
-    z = hidden.float() @ w.T
-    if bias is not None:
-        z = z + bias[token_ids].float()
-    log_qs = torch.log_softmax(z / temperature, dim=-1)
+    # The student's distribution is the score head's (levels do not enter the KL).
+    log_qs = score_head(hidden, weight, token_ids, torch.zeros(token_ids.shape[0], device=hidden.device), bias,
+                        temperature).log_probs
     qt = teacher_probs.float()
     kl = torch.where(qt > 0, qt * (torch.log(qt.clamp_min(1e-38)) - log_qs), torch.zeros_like(log_qs)).sum(-1)
     if reduction == "mean":

@@ -64,7 +64,7 @@ class ScoreScale:
 
     def token(self, level: float) -> str:
         """The special token of one level, e.g. ``<|score_2.5|>``."""
-        return f"<|score_{_fmt(level)}|>"
+        return f"<|score_{float(level)!r}|>"  # 2.0 -> "2.0", 2.25 -> "2.25": stable names
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -84,12 +84,6 @@ class ScoreScale:
         if not isinstance(d, dict) or "levels" not in d:
             raise ValueError(f"a scale is stored as {{'levels': [...]}}, got {d!r}")
         return cls(tuple(d["levels"]))
-
-
-def _fmt(x: float) -> str:
-    # 2.0 -> "2.0", 2.25 -> "2.25": stable, readable token names.
-    s = repr(float(x))
-    return s
 
 
 @dataclass(frozen=True)

@@ -91,15 +91,12 @@ def check_values(token_ids: torch.Tensor, vocab: int, levels: torch.Tensor) -> N
         raise ValueError(f"levels must be strictly increasing, got {levels.tolist()}")
 
 
-def validate_score_head(
-    hidden: object,
-    weight: object,
-    token_ids: object,
-    levels: object,
-    bias: object,
-    temperature: object,
+def check_head_args(
+    hidden: object, weight: object, token_ids: object, bias: object, temperature: object
 ) -> tuple[torch.Tensor, float]:
-    """Check every argument of `score_head`; returns (levels as fp32 on device, temperature)."""
+    """The arguments every score-row head shares (`score_head`, `risd_loss`): hidden [N, H],
+    weight [V, H], bias [V] or None on one device, temperature > 0, K >= 2 integer ids.
+    Returns (token_ids, temperature); id values are checked by `check_values`."""
     hidden = check_float_tensor("hidden", hidden, 2)
     weight = check_float_tensor("weight", weight, 2)
     if weight.shape[1] != hidden.shape[1]:
@@ -119,8 +116,20 @@ def validate_score_head(
         if bias.device != device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {device}")
     t = check_temperature(temperature)
-    ids = check_token_ids(token_ids, device)
-    lv = as_levels(levels, ids.shape[0], device)
+    return check_token_ids(token_ids, device), t
+
+
+def validate_score_head(
+    hidden: object,
+    weight: object,
+    token_ids: object,
+    levels: object,
+    bias: object,
+    temperature: object,
+) -> tuple[torch.Tensor, float]:
+    """Check every argument of `score_head`; returns (levels as fp32 on device, temperature)."""
+    ids, t = check_head_args(hidden, weight, token_ids, bias, temperature)
+    lv = as_levels(levels, ids.shape[0], hidden.device)
     check_values(ids, weight.shape[0], lv)
     return lv, t
 
@@ -230,25 +239,15 @@ def validate_risd(
     """Check `risd_loss` arguments (the score-head checks plus the teacher distribution)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    h = check_float_tensor("hidden", hidden, 2)
-    w = check_float_tensor("weight", weight, 2)
-    if w.shape[1] != h.shape[1]:
-        raise ValueError(f"hidden [N, H] and weight [V, H] must share H, got {tuple(h.shape)} and {tuple(w.shape)}")
-    if w.device != h.device:
-        raise ValueError(f"weight is on {w.device} but hidden is on {h.device}")
-    if bias is not None:
-        b = check_float_tensor("bias", bias, 1)
-        if b.shape[0] != w.shape[0] or b.device != h.device:
-            raise ValueError(f"bias must be [V] = [{w.shape[0]}] on {h.device}, got {tuple(b.shape)} on {b.device}")
-    t = check_temperature(temperature)
-    ids = check_token_ids(token_ids, h.device)
+    ids, t = check_head_args(hidden, weight, token_ids, bias, temperature)
     K = ids.shape[0]
     q = check_float_tensor("teacher_probs", teacher_probs, 2)
-    if tuple(q.shape) != (h.shape[0], K):
-        raise ValueError(f"teacher_probs must be [N, K] = [{h.shape[0]}, {K}], got {tuple(q.shape)}")
-    if q.device != h.device:
-        raise ValueError(f"teacher_probs is on {q.device} but hidden is on {h.device}")
-    check_values(ids, w.shape[0], torch.arange(K, dtype=torch.float32, device=h.device))
+    if tuple(q.shape) != (hidden.shape[0], K):
+        raise ValueError(f"teacher_probs must be [N, K] = [{hidden.shape[0]}, {K}], got {tuple(q.shape)}")
+    if q.device != hidden.device:
+        raise ValueError(f"teacher_probs is on {q.device} but hidden is on {hidden.device}")
+    # ids in range and unique; the KL has no levels, so pass increasing placeholders
+    check_values(ids, weight.shape[0], torch.arange(K, dtype=torch.float32, device=hidden.device))
     if q.shape[0]:
         qf = q.detach().float()
         finite, nonneg, err = torch.stack([torch.isfinite(qf).all().float(), (qf >= 0).all().float(),

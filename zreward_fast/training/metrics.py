@@ -6,7 +6,6 @@ counts only pairs whose labels differ by more than ``margin`` (0.5).
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Sequence
 
@@ -60,6 +59,3 @@ def evaluate_pairs(prompts: Sequence[str], labels: Sequence[float], preds: Seque
         "n": float(len(labels)),
     }
 
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -9,6 +9,7 @@ optimizer state. Multi-GPU through accelerate (DDP, FSDP2: ``accelerate launch``
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch import nn
 from ..dimensions import resolve_dimensions
 from ..kernels import risd_loss
 from ..modeling import ZRewardModel
-from .common import BatchSchedule, TrainerBase, full_state_dict, is_finite, load_config
+from .common import BatchSchedule, TrainerBase, full_state_dict, load_config
 from .data import RISDRecord, ScoredRecord, read_manifest
 from .metrics import evaluate_pairs
 
@@ -138,8 +139,9 @@ class RISDTrainer(TrainerBase):
         return batch, teacher
 
     def check_records(self, records: list) -> str | None:
-        teacher = torch.tensor([[r.targets[d] for d in self.dimensions] for r in records], dtype=torch.float32)
-        return None if is_finite(teacher) else "teacher targets contain NaN or inf"
+        # plain floats: no tensor is built here, make_batch builds the one the step uses
+        ok = all(math.isfinite(p) for r in records for d in self.dimensions for p in r.targets[d])
+        return None if ok else "teacher targets contain NaN or inf"
 
     def compute_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
         batch, teacher = self.make_batch(records)
