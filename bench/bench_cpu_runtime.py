@@ -21,16 +21,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.pop("TRITON_INTERPRET", None)  # the torch path must be plain eager, not the interpreter
 
-from bench_score_head import device_name  # noqa: E402
+from common import device_name, quantile  # noqa: E402
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    out = []
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin (one call of each per round) so
+    that drift in the machine's speed (shared cores) hits every implementation alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t)
     return out
 
 
@@ -42,7 +46,6 @@ def main() -> int:
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
 
     from zreward_fast import ZRewardModel
@@ -69,16 +72,17 @@ def main() -> int:
             name = ("onnx-fp32" if mode == "none" else "onnx-int8-dynamic") + f"-{gdn}"
             impls[name] = ((lambda s: (lambda b: s.score(images[:b], prompts[:b])))(scorer), res.parity["overall"])
         with torch.inference_mode():
-            for name, (fn, parity) in impls.items():
-                lat = timed(lambda: fn(1), args.repeats)
-                thr = timed(lambda: fn(args.batch), max(3, args.repeats // 4))
-                rows.append({
-                    "impl": name, "device": device_name("cpu"), "threads": torch.get_num_threads(),
-                    "b1_ms_median": 1e3 * statistics.median(lat), "b1_ms_p90": 1e3 * float(np.percentile(lat, 90)),
-                    f"b{args.batch}_images_per_s": args.batch / statistics.median(thr),
-                    "mean_abs_dmu": parity["mean_abs_dmu"] if parity else 0.0,
-                    "pair_agreement": parity["pair_agreement"] if parity else 1.0,
-                })
+            lat = interleaved({k: (lambda f: lambda: f(1))(fn) for k, (fn, _) in impls.items()}, args.repeats)
+            thr = interleaved({k: (lambda f: lambda: f(args.batch))(fn) for k, (fn, _) in impls.items()},
+                              max(3, args.repeats // 2))
+        for name, (_, parity) in impls.items():
+            rows.append({
+                "impl": name, "device": device_name("cpu"), "threads": torch.get_num_threads(),
+                "b1_ms_median": 1e3 * statistics.median(lat[name]), "b1_ms_p90": 1e3 * quantile(lat[name], 0.9),
+                f"b{args.batch}_images_per_s": args.batch / statistics.median(thr[name]),
+                "mean_abs_dmu": parity["mean_abs_dmu"] if parity else 0.0,
+                "pair_agreement": parity["pair_agreement"] if parity else 1.0,
+            })
     base = rows[0]
     tkey = f"b{args.batch}_images_per_s"
     for r in rows:

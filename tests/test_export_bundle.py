@@ -61,7 +61,7 @@ def test_fp32_bundle_matches_pytorch(rm, fp32_bundle):
 
 def test_manifest_carries_everything_the_runtime_needs(fp32_bundle):
     m = json.loads((fp32_bundle.path / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["gdn"] == "contrib" and m["quantization"]["mode"] == "none"
+    assert m["format_version"] == 1 and m["gdn"] == "decomposed" and m["quantization"]["mode"] == "none"
     assert set(m["files"]) == {"vision.onnx", "decoder.onnx", "tokenizer.json"}
     assert m["dimensions"] == list(zf.DIMENSIONS) and m["scale"]["levels"][-1] == 4.0
     assert "{queries}" in m["prompt"]["format"]["student"] and m["image"]["size"] == 64
@@ -90,8 +90,8 @@ def test_fp8_and_static_int8_bundles_are_produced_with_parity(rm, tmp_path):
 
 
 def test_decomposed_and_contrib_bundles_agree(rm, fp32_bundle, tmp_path):
-    dec = export_bundle(rm, tmp_path / "dec", gdn="decomposed", num_pairs=20, progress=False)
-    assert dec.manifest["gdn"] == "decomposed"
+    dec = export_bundle(rm, tmp_path / "contrib", gdn="contrib", num_pairs=20, progress=False)
+    assert dec.manifest["gdn"] == "contrib"
     images, prompts, _ = held_out_pairs(4)
     a = _means(Scorer(fp32_bundle.path).score(images, prompts))
     b = _means(Scorer(dec.path).score(images, prompts))

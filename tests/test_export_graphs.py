@@ -9,12 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from zreward_fast.export.modules import (  # noqa: E402
-    GDN_FORMS, ExportDecoder, ExportVision, chunk_gated_delta_rule, gdn_gates, unit_lower_inverse,
+    GDN_FORMS, ExportDecoder, ExportVision, causal_conv1d_silu, chunk_gated_delta_rule, gdn_gates, unit_lower_inverse,
 )
 from zreward_fast.export.onnx_export import count_nodes, export_decoder, export_vision  # noqa: E402
 from zreward_fast.modeling import ZRewardModel  # noqa: E402
@@ -76,7 +77,7 @@ def sessions(graphs) -> dict:
 
 
 # --------------------------------------------------------------------------- the GDN math
-@pytest.mark.parametrize("length", [1, 37, 64, 65, 130])
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 37, 64, 65, 130])
 @pytest.mark.parametrize("heads", [(2, 4), (2, 2)])
 def test_chunk_rule_matches_hf(length, heads):
     from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule
@@ -91,12 +92,28 @@ def test_chunk_rule_matches_hf(length, heads):
     torch.testing.assert_close(chunk_gated_delta_rule(q, k, v, decay, beta), ref, atol=1e-6, rtol=1e-5)
 
 
-def test_unit_lower_inverse():
-    n = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0)).tril(-1) * 0.3
+@pytest.mark.parametrize("length", [1, 3, 4, 37])
+def test_causal_conv_matches_a_loop(length):
+    gen = torch.Generator().manual_seed(length)
+    x, w, b = torch.randn(2, length, 6, generator=gen), torch.randn(6, 1, 4, generator=gen), torch.randn(6, generator=gen)
+    expected = torch.zeros(2, length, 6)
+    for t in range(length):
+        for j in range(4):  # tap j reads step t - 3 + j; steps before 0 are zero
+            if t - 3 + j >= 0:
+                expected[:, t] += w[:, 0, j] * x[:, t - 3 + j]
+    torch.testing.assert_close(causal_conv1d_silu(x, w, b), F.silu(expected + b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [16, 23, 64])
+def test_unit_lower_inverse(size):
+    gen = torch.Generator().manual_seed(size)
+    # GDN's system has |entries| <= 1 (beta <= 1, unit-norm keys, decay <= 1); a random one here.
+    n = (torch.rand(3, size, size, generator=gen) * 2 - 1).tril(-1) * (0.9 if size <= 23 else 0.3)
+    eye = torch.eye(size).expand(3, size, size)
+    expected = torch.linalg.solve_triangular(eye + n, eye, upper=False, unitriangular=True)
     inv = unit_lower_inverse(n)
-    torch.testing.assert_close(inv @ (torch.eye(64) + n), torch.eye(64).expand(3, 64, 64), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="power of two"):
-        unit_lower_inverse(torch.zeros(48, 48))
+    torch.testing.assert_close(inv, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(inv @ (eye + n), eye, atol=1e-4, rtol=0)
 
 
 def test_unknown_gdn_form(rm, tmp_path):

@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", default="none", choices=["none", "int8", "int8-dynamic", "int8-static", "fp8"],
                    help="int8 = dynamic per-channel (CPU); int8-static and fp8 are QDQ calibrated on images")
     e.add_argument("--calib", default=None, help="directory of calibration images (default: synthetic images)")
-    e.add_argument("--gdn", default="contrib", choices=["contrib", "decomposed"],
-                   help="Gated DeltaNet as onnxruntime contrib ops, or decomposed into standard ops (TensorRT)")
+    e.add_argument("--gdn", default="decomposed", choices=["contrib", "decomposed"],
+                   help="Gated DeltaNet decomposed into standard ops (default: any back end, and the faster "
+                        "form on onnxruntime's CPU EP), or as onnxruntime's com.microsoft contrib ops")
     e.add_argument("--pairs", type=int, default=200, help="held-out synthetic pairs for the parity report")
     e.add_argument("--force", action="store_true", help="write the bundle even if it misses its parity thresholds")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")

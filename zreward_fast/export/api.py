@@ -91,7 +91,7 @@ def export_bundle(
     out_dir: str | Path,
     quantize: str = "none",
     calib_dir: str | Path | None = None,
-    gdn: str = "contrib",
+    gdn: str = "decomposed",
     force: bool = False,
     num_pairs: int = 200,
     thresholds: dict | None = None,

@@ -257,7 +257,7 @@ def export_vision(
 
 
 def export_decoder(
-    rm: Any, path: str | os.PathLike, gdn: str = "contrib", opset: int = 18,
+    rm: Any, path: str | os.PathLike, gdn: str = "decomposed", opset: int = 18,
     external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
 ) -> list[Path]:
     """Export the prefill decoder with the score head (see docs/bundle.md for the interface).
