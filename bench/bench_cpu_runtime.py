@@ -24,14 +24,20 @@ os.environ.pop("TRITON_INTERPRET", None)  # the torch path must be plain eager, 
 from common import device_name, quantile  # noqa: E402
 
 
+PAUSE_S = 0.05
+
+
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each function, measured round-robin (one call of each per round) so
-    that drift in the machine's speed (shared cores) hits every implementation alike."""
+    that drift in the machine's speed (shared cores) hits every implementation alike. A pause
+    before each call lets the previous runtime's thread pool stop spinning (onnxruntime's workers
+    busy-wait after a run and would otherwise steal the cores from the next call)."""
     for fn in fns.values():
         fn()  # warm-up
     out: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(PAUSE_S)
             t = time.perf_counter()
             fn()
             out[name].append(time.perf_counter() - t)

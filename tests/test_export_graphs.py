@@ -151,6 +151,23 @@ def test_decoder_matches_hf(rm, images, gdn, dims):
     torch.testing.assert_close(means, (ref.exp() * rm.levels).sum(-1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("gdn", GDN_FORMS)
+@torch.no_grad()
+def test_decoder_with_a_gdn_last_layer(images, gdn):
+    """The last layer runs only at the query rows; a Gated DeltaNet last layer still reads every step."""
+    types = ["linear_attention", "full_attention", "linear_attention"]
+    model, processor = tiny_model(1, text=dict(num_hidden_layers=3, layer_types=types))
+    rm = ZRewardModel(model, processor).eval()
+    assert [layer.block_type for layer in rm.model.model.language_model.layers] == ["linear_attention",
+                                                                                    "full_attention",
+                                                                                    "linear_attention"]
+    batch, pixels, positions = make_inputs(rm, images, 3)
+    log_probs, _ = ExportDecoder(rm, gdn=gdn)(
+        batch.input_ids, batch.attention_mask, positions, ExportVision(rm)(pixels), batch.query_positions
+    )
+    torch.testing.assert_close(log_probs, rm.distributions(batch), atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- ONNX graphs
 def test_graph_interfaces(sessions, rm):
     vis = sessions["vision"]

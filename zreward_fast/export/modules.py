@@ -186,6 +186,12 @@ def _(x, weight, bias=None):  # noqa: ANN001, ANN202
 
 
 # --------------------------------------------------------------------------- vision
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x [B, L, ...]`` at ``rows [B, D]`` -> ``[B, D, ...]`` (a gather along the sequence)."""
+    idx = rows.reshape(*rows.shape, *([1] * (x.dim() - 2))).expand(*rows.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -269,7 +275,8 @@ class _GatedDeltaNet(nn.Module):
         self.hf = hf
         self.gdn = check_gdn_form(gdn)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``rows [B, D]``: return only those positions (the recurrence still reads every step)."""
         m = self.hf
         x = x * mask  # HF zeroes padded positions before the token mixer
         bsz, length = x.shape[:2]
@@ -290,8 +297,10 @@ class _GatedDeltaNet(nn.Module):
         else:
             g, beta = gdn_gates(a, b, m.A_log, m.dt_bias)
             out = chunk_gated_delta_rule(q, k, v, g, beta)
+        if rows is not None:
+            out, z = take_rows(out, rows), take_rows(z, rows)
         out = m.norm(out, z)  # gated RMSNorm over each value head
-        return m.out_proj(out.reshape(bsz, length, -1))
+        return m.out_proj(out.reshape(*out.shape[:2], -1))
 
 
 class _Attention(nn.Module):
@@ -303,18 +312,24 @@ class _Attention(nn.Module):
         self.num_heads = hf.config.num_attention_heads
         self.num_kv_heads = hf.config.num_key_value_heads
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``rows [B, D]``: queries (and the output) only at those positions; keys and values at all."""
         m = self.hf
         bsz, length = x.shape[:2]
         hd = m.head_dim
-        q, gate = torch.chunk(m.q_proj(x).reshape(bsz, length, self.num_heads, 2 * hd), 2, dim=-1)
-        gate = gate.reshape(bsz, length, -1)
-        q = m.q_norm(q).transpose(1, 2)  # [B, h, L, hd]
+        xq, cos_q, sin_q = (x, cos, sin) if rows is None else (take_rows(t, rows) for t in (x, cos, sin))
+        if rows is not None:
+            bias = take_rows(bias.transpose(1, 2), rows).transpose(1, 2)  # [B, 1, D, L]
+        q, gate = torch.chunk(m.q_proj(xq).reshape(*xq.shape[:2], self.num_heads, 2 * hd), 2, dim=-1)
+        gate = gate.reshape(*xq.shape[:2], -1)
+        q = m.q_norm(q).transpose(1, 2)  # [B, h, Lq, hd]
         k = m.k_norm(m.k_proj(x).reshape(bsz, length, self.num_kv_heads, hd)).transpose(1, 2)
         v = m.v_proj(x).reshape(bsz, length, self.num_kv_heads, hd).transpose(1, 2)
         rd = cos.shape[-1]
+        q = torch.cat([q[..., :rd] * cos_q.unsqueeze(1) + _rotate_half(q[..., :rd]) * sin_q.unsqueeze(1), q[..., rd:]], dim=-1)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = torch.cat([q[..., :rd] * cos + _rotate_half(q[..., :rd]) * sin, q[..., rd:]], dim=-1)
         k = torch.cat([k[..., :rd] * cos + _rotate_half(k[..., :rd]) * sin, k[..., rd:]], dim=-1)
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
@@ -322,7 +337,7 @@ class _Attention(nn.Module):
             v = v.unsqueeze(2).expand(bsz, self.num_kv_heads, rep, length, hd).reshape(bsz, self.num_heads, length, hd)
         scores = (q @ k.transpose(-1, -2)) * m.scaling + bias
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(bsz, length, -1)
+        out = (probs @ v).transpose(1, 2).reshape(*gate.shape)
         return m.o_proj(out * torch.sigmoid(gate))
 
 
@@ -335,10 +350,14 @@ class _DecoderLayer(nn.Module):
         self.post_attention_layernorm = hf.post_attention_layernorm
         self.mlp = hf.mlp
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``rows [B, D]``: compute the layer's output only at those positions (``[B, D, H]``)."""
         h = self.input_layernorm(x)
-        h = self.mixer(h, mask) if self.linear else self.mixer(h, cos, sin, bias)
-        x = x + h
+        h = self.mixer(h, mask, rows) if self.linear else self.mixer(h, cos, sin, bias, rows)
+        x = (x if rows is None else take_rows(x, rows)) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -403,10 +422,11 @@ class ExportDecoder(nn.Module):
         allowed = (steps.unsqueeze(0) <= steps.unsqueeze(1)).unsqueeze(0) & keep.unsqueeze(1)  # [B, L, L]
         bias = torch.where(allowed, 0.0, torch.finfo(x.dtype).min).to(x.dtype).unsqueeze(1)  # [B, 1, L, L]
         mask = keep.to(x.dtype).unsqueeze(-1)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, cos, sin, bias, mask)
-        x = self.norm(x)
-        rows = torch.gather(x, 1, query_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, D, H]
+        # Only the query positions are scored: the last layer's queries, output projection and
+        # MLP run on those D rows alone (its keys/values, or its recurrence, still see every step).
+        rows = self.norm(self.layers[-1](x, cos, sin, bias, mask, rows=query_positions))  # [B, D, H]
         z = rows.float() @ self.score_weight.float().T
         if self.score_bias is not None:
             z = z + self.score_bias.float()
