@@ -390,6 +390,14 @@ def test_scorer_providers(bundle):
         Scorer(bundle, intra_op_num_threads=-1)
 
 
+def test_scorer_thread_pools_do_not_spin_by_default(bundle):
+    key = "session.intra_op.allow_spinning"
+    for spin, expected in ((False, "0"), (True, "1")):
+        s = Scorer(bundle, spin_wait=spin)
+        for sess in (s._vision, s._decoder):
+            assert sess.get_session_options().get_session_config_entry(key) == expected
+
+
 def test_scorer_static_shapes(tiny, scorer, tmp_path):
     """A graph exported with a fixed batch and length: the Scorer pads to them."""
     out = tmp_path / "static"
