@@ -15,7 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from zreward_fast.export.modules import (  # noqa: E402
-    GDN_FORMS, ExportDecoder, ExportVision, causal_conv1d_silu, chunk_gated_delta_rule, gdn_gates, unit_lower_inverse,
+    GDN_FORMS, ExportDecoder, ExportVision, causal_conv1d_silu, chunk_gated_delta_rule, gdn_gates,
+    single_frame_patches, unit_lower_inverse,
 )
 from zreward_fast.export.onnx_export import count_nodes, export_decoder, export_vision  # noqa: E402
 from zreward_fast.modeling import ZRewardModel  # noqa: E402
@@ -44,6 +45,7 @@ def make_inputs(rm: ZRewardModel, images: torch.Tensor, n: int, dims=None):
     """A processor batch, its [B, P, D] patches and HF's own M-RoPE position ids."""
     batch = rm.processor(images[:n], PROMPTS[:n], dims)
     pixels = batch.pixel_values.reshape(n, -1, batch.pixel_values.shape[-1])
+    pixels = single_frame_patches(pixels, 3, rm.processor.temporal_patch_size)
     positions, _ = rm.model.model.get_rope_index(
         batch.input_ids, batch.mm_token_type_ids, batch.image_grid_thw, attention_mask=batch.attention_mask
     )

@@ -199,7 +199,11 @@ def test_preprocessor_matches_processor(tiny, bundle, tmp_path):
         np.testing.assert_array_equal(got["position_ids"], ref_pos)
     pv = pre.pixel_values(images)
     assert pv.dtype == np.float32 and pv.shape == (4, pre.num_patches, pre.patch_dim)
-    np.testing.assert_allclose(pv, ref.pixel_values.numpy().reshape(pv.shape), atol=1e-6, rtol=0)
+    # The bundle's vision graph reads one frame per patch; the processor repeats it t times.
+    frames = ref.pixel_values.numpy().reshape(4, pre.num_patches, 3, processor.temporal_patch_size, -1)
+    assert processor.temporal_patch_size == 2 and pre.temporal_patch_size == 1
+    np.testing.assert_array_equal(frames[:, :, :, 0], frames[:, :, :, 1])
+    np.testing.assert_allclose(pv, frames[:, :, :, 0].reshape(pv.shape), atol=1e-6, rtol=0)
 
 
 def test_preprocessor_errors(bundle):
@@ -249,7 +253,7 @@ def test_runtime_imports_and_runs_without_torch(tiny, bundle, scorer):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["bad"] == []
     assert got["ids"] == tiny[1]([np.zeros((10, 12, 3), np.uint8)], ["a red cat"]).input_ids.tolist()
-    assert got["pv"] == [1, 16, 1536]
+    assert got["pv"] == [1, 16, 768]  # one frame of 3 x 16 x 16 per patch
     expected = scorer.score([np.zeros((10, 12, 3), np.uint8)], ["a red cat"])[0]["realism"].mean
     assert got["mean"] == pytest.approx(expected, abs=1e-6)
 

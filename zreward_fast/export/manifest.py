@@ -25,7 +25,9 @@ def manifest_from_processor(processor: Any) -> dict:
             "size": int(processor.image_size),
             "patch_size": int(processor.patch_size),
             "merge_size": int(processor.merge_size),
-            "temporal_patch_size": int(processor.temporal_patch_size),
+            # vision.onnx reads one frame per patch: a still image repeats it, and the exporter
+            # sums the patch embedding's temporal slices (ExportVision).
+            "temporal_patch_size": 1,
             "image_mean": [float(x) for x in processor.image_mean],
             "image_std": [float(x) for x in processor.image_std],
             "resample": "bicubic",

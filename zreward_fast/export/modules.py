@@ -197,12 +197,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def single_frame_patches(pixel_values: torch.Tensor, channels: int, temporal_patch_size: int) -> torch.Tensor:
+    """Processor patches ``[..., C * t * p * p]`` -> the first frame's ``[..., C * p * p]``.
+
+    A still image fills all t frames of a patch with the same pixels, so one frame carries all of it.
+    """
+    lead, dim = pixel_values.shape[:-1], pixel_values.shape[-1]
+    frames = pixel_values.reshape(*lead, channels, temporal_patch_size, dim // (channels * temporal_patch_size))
+    return frames[..., 0, :].reshape(*lead, -1)
+
+
 class ExportVision(nn.Module):
-    """The vision tower for one fixed bucket: ``pixel_values [B, P, D] -> image_features [B, N, H]``.
+    """The vision tower for one fixed bucket: ``pixel_values [B, P, C*p*p] -> image_features [B, N, H]``.
 
     The bucket grid is baked in: the interpolated position embeddings and the rotary cos/sin
     are buffers computed here from the tower's current weights (build this module after any
-    weight update).
+    weight update). The input is one frame per patch (:func:`single_frame_patches`): a still
+    image repeats its frame t times, so the patch embedding's t temporal slices are summed into
+    one (exact) and the graph reads and multiplies 1/t of the processor's patch vector.
     """
 
     def __init__(self, rm: Any) -> None:
@@ -218,7 +230,8 @@ class ExportVision(nn.Module):
         self.num_patches = t * gh * gw
         self.merge_unit = cfg.spatial_merge_size**2
         self.num_heads = cfg.num_heads
-        self.patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        self.channels, self.temporal_patch_size = cfg.in_channels, cfg.temporal_patch_size
+        self.patch_dim = cfg.in_channels * cfg.patch_size**2  # one frame
         self.proj = visual.patch_embed.proj  # Conv3d, kernel == stride: applied as a matmul
         self.blocks = visual.blocks
         self.merger = visual.merger
@@ -252,7 +265,7 @@ class ExportVision(nn.Module):
         return attn.proj(out)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
+        weight = self.proj.weight.sum(2).reshape(self.proj.weight.shape[0], -1)  # [E, C, t, p, p]: frames summed
         x = F.linear(pixel_values.to(weight.dtype), weight, self.proj.bias)  # [B, P, E]
         x = x + self.pos_embeds.to(x.dtype)
         for blk in self.blocks:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .modules import CHUNK_SIZE, ExportDecoder, ExportVision, check_gdn_form
+from .modules import CHUNK_SIZE, ExportDecoder, ExportVision, check_gdn_form, single_frame_patches
 
 DEFAULT_EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20  # stay clear of protobuf's 2 GiB message limit
 
@@ -244,7 +244,8 @@ def export_vision(
     rm: Any, path: str | os.PathLike, opset: int = 18,
     external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
 ) -> list[Path]:
-    """Export the vision tower for the processor's bucket: ``pixel_values [B, P, D] -> image_features [B, N, H]``.
+    """Export the vision tower for the processor's bucket: ``pixel_values [B, P, C*p*p] -> image_features [B, N, H]``
+    (one frame per patch: the bundle's manifest says ``temporal_patch_size`` 1).
 
     Returns the files written (the graph, then ``<name>.data`` if the weights went external).
     """
@@ -252,6 +253,7 @@ def export_vision(
     module = ExportVision(rm).eval()
     batch = _example_batch(rm)
     pixels = batch.pixel_values.reshape(2, module.num_patches, -1).to(rm.device)
+    pixels = single_frame_patches(pixels, module.channels, module.temporal_patch_size)
     axes = {("pixel_values", 0): "batch"}
     return _export(module, (pixels,), Path(path), opset, VISION_INPUTS, VISION_OUTPUTS, axes, external_data_threshold_bytes)
 
