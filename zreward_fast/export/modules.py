@@ -83,8 +83,9 @@ def chunk_gated_delta_rule(
 
     query, key [B, L, Hk, dk]; value [B, L, Hv, dv]; g, beta [B, L, Hv] -> [B, L, Hv, dv].
 
-    Laid out as ``[B, Hk, r, n, C, d]`` (r = Hv / Hk value heads per key head) so ``Q K^T`` and
-    ``K K^T`` are computed once per key head, not once per value head. Small chunks (16) keep the
+    Laid out as ``[n, B, Hk, r, C, d]`` (n chunks first: the scan's own layout, so its inputs need
+    no copy; r = Hv / Hk value heads per key head) so ``Q K^T`` and ``K K^T`` are computed once per
+    key head, not once per value head. Small chunks (16) keep the
     intra-chunk products cheap: for scoring-length prefills this halves the work of 64-chunks.
     """
     dtype = query.dtype
@@ -108,26 +109,26 @@ def chunk_gated_delta_rule(
     if qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     q = q * dk**-0.5
-    q, k = (pad(x).reshape(bsz, chunks, c, hk, dk).permute(0, 3, 1, 2, 4) for x in (q, k))  # [B, Hk, n, C, dk]
-    v = pad(value.float()).reshape(bsz, chunks, c, hk, r, dv).permute(0, 3, 4, 1, 2, 5)  # [B, Hk, r, n, C, dv]
+    q, k = (pad(x).reshape(bsz, chunks, c, hk, dk).permute(1, 0, 3, 2, 4) for x in (q, k))  # [n, B, Hk, C, dk]
+    v = pad(value.float()).reshape(bsz, chunks, c, hk, r, dv).permute(1, 0, 3, 4, 2, 5)  # [n, B, Hk, r, C, dv]
     gates = pad(torch.stack([g.float(), beta.float()], -1)).reshape(bsz, chunks, c, hk, r, 2)
-    gates = gates.permute(0, 3, 4, 1, 2, 5)
-    g, beta = gates[..., 0], gates[..., 1]  # [B, Hk, r, n, C]
+    gates = gates.permute(1, 0, 3, 4, 2, 5)
+    g, beta = gates[..., 0], gates[..., 1]  # [n, B, Hk, r, C]
 
-    kk = (k @ k.transpose(-1, -2)).unsqueeze(2)  # shared by the r value heads of a key head
-    qk = (q @ k.transpose(-1, -2)).unsqueeze(2)
+    kk = (k @ k.transpose(-1, -2)).unsqueeze(3)  # shared by the r value heads of a key head
+    qk = (q @ k.transpose(-1, -2)).unsqueeze(3)
     cum = g.cumsum(-1)
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
     strict = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(-1)
     decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
     t_inv = unit_lower_inverse((kk * decay * beta.unsqueeze(-1)).masked_fill(~strict, 0.0))
     intra = qk * decay
-    k = k.unsqueeze(2)
+    k = k.unsqueeze(3)
     new_values = t_inv @ (v * beta.unsqueeze(-1))
     k_cumdecay = t_inv @ (k * (beta * cum.exp()).unsqueeze(-1))
-    q = q.unsqueeze(2) * cum.exp().unsqueeze(-1)
+    q = q.unsqueeze(3) * cum.exp().unsqueeze(-1)
     k = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
-    chunk_decay = cum[..., -1].exp()[..., None, None]  # [B, Hk, r, n, 1, 1]
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # [n, B, Hk, r, 1, 1]
 
     def step(state: torch.Tensor, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         q_i, k_i, u_i, w_i, a_i, d_i = xs
@@ -135,9 +136,8 @@ def chunk_gated_delta_rule(
         out = q_i @ state + a_i @ v_new
         return state * d_i + k_i.transpose(-1, -2) @ v_new, out
 
-    first = [x.movedim(3, 0) for x in (q, k, new_values, k_cumdecay, intra, chunk_decay)]
     state0 = torch.zeros(bsz, hk, r, dk, dv, dtype=torch.float32, device=q.device)
-    _, out = scan(step, state0, first)  # [n, B, Hk, r, C, dv]
+    _, out = scan(step, state0, [q, k, new_values, k_cumdecay, intra, chunk_decay])  # [n, B, Hk, r, C, dv]
     out = out.permute(1, 0, 4, 2, 3, 5).reshape(bsz, chunks * c, hv, dv)
     return out.index_select(1, torch.arange(length, device=q.device)).to(dtype)  # drop the padding
 
