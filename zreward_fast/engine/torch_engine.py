@@ -81,28 +81,28 @@ def load_fla() -> tuple[Callable, Callable] | None:
 
 # --------------------------------------------------------------------------- engine modules
 class _Patchify(nn.Module):
-    """``pixels [B, 3, S, S]`` in [0, 1] -> normalised patches ``[B, P, 3 * t * p * p]``.
+    """``pixels [B, 3, S, S]`` in [0, 1] -> normalised one-frame patches ``[B, P, 3 * p * p]``.
 
-    The same layout as :meth:`ZRewardProcessor.patchify` (tested equal), but on the device and
-    inside the CUDA graph, with mean/std as buffers: the processor builds them with
-    ``torch.tensor(list, device=...)``, a host-to-device copy that a graph capture forbids. Moving
-    the patchify onto the GPU also saves the host a copy of every image twice (temporal patch).
+    The layout of :meth:`ZRewardProcessor.patchify` (tested equal) with one frame per patch: the
+    vision tower (``ExportVision``) sums the patch embedding's temporal slices, as a still image
+    repeats its frame. On the device and inside the CUDA graph, with mean/std as buffers: the
+    processor builds them with ``torch.tensor(list, device=...)``, a host-to-device copy that a
+    graph capture forbids.
     """
 
     def __init__(self, processor: ZRewardProcessor) -> None:
         super().__init__()
-        self.p, self.m, self.t = processor.patch_size, processor.merge_size, processor.temporal_patch_size
+        self.p, self.m = processor.patch_size, processor.merge_size
         self.register_buffer("mean", torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         b, c, h, w = pixels.shape
-        p, m, t = self.p, self.m, self.t
+        p, m = self.p, self.m
         x = (pixels.float() - self.mean) / self.std
         gh, gw = h // p, w // p
         x = x.reshape(b, c, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
-        x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)
-        return x.reshape(b, gh * gw, c * t * p * p)
+        return x.reshape(b, gh * gw, c * p * p)
 
 
 class _Vision(ExportVision):
