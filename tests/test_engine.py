@@ -108,7 +108,8 @@ def test_attention_without_sdpa_gqa_matches(saved, engine, monkeypatch):
 
 def test_patchify_on_device_matches_processor(engine):
     pixels = torch.rand(2, 3, engine.processor.image_size, engine.processor.image_size)
-    frames = engine.processor.patchify(pixels).reshape(2, -1, 3, engine.processor.temporal_patch_size, -1)
+    frames = engine.processor.patchify(pixels).reshape(2, -1, 3, engine.processor.temporal_patch_size,
+                                                       engine.processor.patch_size**2)
     want = frames[:, :, :, 0].reshape(2, -1, engine.student.vision.patch_dim)  # the engine reads one frame
     torch.testing.assert_close(engine.student.patchify(pixels), want, rtol=0, atol=1e-6)
 
