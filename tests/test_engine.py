@@ -277,6 +277,23 @@ def test_fp8_emulation_parity_on_held_out_pairs(saved):
                 assert abs(margin) <= 2 * overall["mean_abs_dmu"], (d, a, b, margin)
 
 
+def test_fp8_emulation_keeps_a_trained_students_preferences(trained_student):
+    """The issue's fp8 bar (mean |dmu| <= 0.05, >= 98% of pairs) on a student with real
+    preferences; ties within 0.01 of the reference are not counted as preferences."""
+    rm = ZRewardModel.from_pretrained(trained_student).eval()
+    eng = TorchEngine(trained_student, device="cpu", fp8=True)
+    assert eng.quantize_report.quantized
+    images, prompts, pairs = held_out_pairs(200)
+    ref, got = rm.score(images, prompts), eng.score(images, prompts)
+    report = parity_report(_probs(ref), _probs(got), rm.scale.levels, DIMENSIONS, pairs, tie_tol=0.01)
+    overall = report["overall"]
+    print("fp8 emulation, trained student, 200 pairs:", overall)
+    assert 0 < overall["mean_abs_dmu"] <= 0.05, overall
+    compared = sum(b["pairs_compared"] for b in report["dimensions"].values())
+    assert compared >= 150, report["dimensions"]  # a trained student has few near-ties
+    assert overall["pair_agreement_pooled"] >= 0.98, overall
+
+
 # --------------------------------------------------------------------------- GPU only
 def _cuda_data(n):
     images, prompts = _data(n)

@@ -12,9 +12,7 @@ from zreward_fast import ZRewardModel
 from zreward_fast.cli import main
 from zreward_fast.export.api import ExportParityError, export_bundle, held_out_pairs
 from zreward_fast.runtime import BundleError, Scorer
-from zreward_fast.testing import demo_model, tiny_model
-from zreward_fast.training.data import read_manifest, write_synthetic_dataset
-from zreward_fast.training.risd import RISDConfig, RISDTrainer
+from zreward_fast.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +26,8 @@ def fp32_bundle(rm, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    """A slightly trained tiny student (RISD on synthetic ground truth, 200 steps): untrained random
-    models score all images nearly alike, which makes pairwise agreement meaningless."""
-    tmp = tmp_path_factory.mktemp("student")
-    data = write_synthetic_dataset(tmp / "data", 400, seed=5, size=128, kinds=("risd",))
-    model = ZRewardModel(*demo_model(seed=0))
-    cfg = RISDConfig(batch_size=16, learning_rate=5e-4, max_steps=200, train_vision=True, seed=0)
-    trainer = RISDTrainer(model, cfg, train_records=read_manifest(data["risd"], "risd"))
-    trainer.train()
-    trainer.save_pretrained(tmp / "model")
-    return tmp / "model"
+def student(trained_student):
+    return trained_student
 
 
 def _means(results, dims=zf.DIMENSIONS):
