@@ -60,8 +60,8 @@ def unit_lower_inverse(n: torch.Tensor) -> torch.Tensor:
     """``(I + n)^-1`` for strictly lower-triangular ``n [..., C, C]``.
 
     ``n`` is nilpotent (``n^C = 0``), so the Neumann series is finite and factors as
-    ``prod_j (I + (-n)^(2^j))`` for ``2^j < C``: ceil(log2 C) squarings and products, plain batched
-    matmuls with static shapes in every back end (no triangular solve op, no gathers).
+    ``prod_j (I + (-n)^(2^j))`` for ``2^j < C``: ceil(log2 C) factors, built by repeated squaring
+    with plain batched matmuls of static shape, in every back end (no triangular solve op, no gathers).
     """
     c = n.shape[-1]
     p = -n
@@ -85,8 +85,8 @@ def chunk_gated_delta_rule(
 
     Laid out as ``[n, B, Hk, r, C, d]`` (n chunks first: the scan's own layout, so its inputs need
     no copy; r = Hv / Hk value heads per key head) so ``Q K^T`` and ``K K^T`` are computed once per
-    key head, not once per value head. Small chunks (16) keep the
-    intra-chunk products cheap: for scoring-length prefills this halves the work of 64-chunks.
+    key head, not once per value head. Small chunks (16) keep the intra-chunk products cheap: for
+    scoring-length prefills onnxruntime runs this in about half the time of 64-step chunks.
     """
     dtype = query.dtype
     bsz, length, hk, dk = key.shape
