@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -360,6 +361,25 @@ def test_scorer_thread_safe(scorer, tmp_path):
                 for d in a:
                     assert a[d].mean == pytest.approx(b[d].mean, abs=1e-5)
                     np.testing.assert_allclose(a[d].probs, b[d].probs, atol=1e-6)
+
+
+def test_scorer_parallel_runs_score_the_same(scorer, bundle, tmp_path):
+    images = _images(tmp_path) + _images(tmp_path)[:1]  # 5: parts of 3 and 2
+    prompts = PROMPTS + ["a photo of a house", "a dog"]
+    par = Scorer(bundle, parallel_runs=2)
+    assert par._vision.get_session_options().intra_op_num_threads == max(1, (os.cpu_count() or 1) // 2)
+    for batch_size in (16, 2):
+        got, want = par.score(images, prompts, batch_size=batch_size), scorer.score(images, prompts)
+        assert len(got) == 5
+        for a, b in zip(got, want):  # same order, same numbers
+            for d in a:
+                np.testing.assert_allclose(a[d].probs, b[d].probs, atol=1e-6)
+    img = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(ImageError, match="image 3: .*not a readable image"):  # in the second part
+        par.score([img, img, img, b"garbage"], ["a", "b", "c", "d"])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="parallel_runs"):
+            Scorer(bundle, parallel_runs=bad)
 
 
 def test_scorer_bad_inputs(scorer):

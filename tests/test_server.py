@@ -284,11 +284,16 @@ def test_run_server_builds_scorer_and_serves_on_loopback(monkeypatch):
     import zreward_fast.runtime as runtime
 
     seen = {}
-    monkeypatch.setattr(runtime, "Scorer", lambda bundle_dir, providers=None: seen.setdefault("scorer", FakeScorer()))
+
+    def fake_scorer(bundle_dir, providers=None, parallel_runs=1):
+        seen["runs"] = parallel_runs
+        return seen.setdefault("scorer", FakeScorer())
+
+    monkeypatch.setattr(runtime, "Scorer", fake_scorer)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("ZREWARD_API_KEY", "from-env")
-    run_server("some/bundle", port=8123, max_items=3)
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    run_server("some/bundle", port=8123, max_items=3, parallel_runs=2)
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["runs"] == 2
     state = seen["app"].state.zreward
     assert state.scorer is seen["scorer"] and state.config.max_items == 3 and state.config.api_key == "from-env"
 

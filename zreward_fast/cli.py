@@ -137,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
                                 "max_queue": args.max_queue, "api_key": args.api_key}.items() if v is not None}
     try:
-        run_server(args.bundle, host=args.host, port=args.port, providers=args.providers, **config)
+        run_server(args.bundle, host=args.host, port=args.port, providers=args.providers,
+                   parallel_runs=args.parallel_runs, **config)
     except (BundleError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-size", type=int, default=None)
     sv.add_argument("--max-wait-ms", type=float, default=None)
     sv.add_argument("--max-queue", type=int, default=None)
+    sv.add_argument("--parallel-runs", type=int, default=1,
+                    help="split each batch into this many parts run concurrently (CPU throughput; default 1)")
     sv.add_argument("--api-key", default=None, help="require this key (default: $ZREWARD_API_KEY, if set)")
     sv.set_defaults(func=cmd_serve)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,6 +66,12 @@ class Scorer:
             default: the vision and decoder sessions have a thread pool each and run back to
             back, so one pool spinning takes the cores from the other (measured on 2 cores: ~6%
             slower at batch 8, ~20% at batch 1 with spinning).
+        parallel_runs: split each batch into this many parts and run them concurrently, each on
+            its own share of the cores (``intra_op_num_threads`` defaults to cores / runs). On
+            CPU, onnxruntime's intra-op threads parallelise a graph of many small ops poorly; one
+            thread per part does better (measured on 2 cores with 2 runs: ~18% more images/s at
+            batch 8). A single image is one part, so batch-1 latency gets fewer threads: keep 1
+            (the default) for latency, use the core count for throughput.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class Scorer:
         providers: Sequence[Any] | None = None,
         intra_op_num_threads: int | None = None,
         spin_wait: bool = False,
+        parallel_runs: int = 1,
     ) -> None:
         import onnxruntime as ort
 
@@ -83,6 +91,11 @@ class Scorer:
             if not isinstance(intra_op_num_threads, int) or isinstance(intra_op_num_threads, bool) or intra_op_num_threads < 0:
                 raise ValueError(f"intra_op_num_threads must be a non-negative int, got {intra_op_num_threads!r}")
             opts.intra_op_num_threads = intra_op_num_threads
+        if not isinstance(parallel_runs, int) or isinstance(parallel_runs, bool) or parallel_runs < 1:
+            raise ValueError(f"parallel_runs must be a positive int, got {parallel_runs!r}")
+        self.parallel_runs = parallel_runs
+        if parallel_runs > 1 and intra_op_num_threads is None:
+            opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // parallel_runs)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.bundle_dir = Path(bundle_dir)
         self.manifest: dict = verify_bundle(self.bundle_dir)
@@ -94,6 +107,9 @@ class Scorer:
         # Graphs exported with a static batch or length: pad to it instead of failing in onnxruntime.
         self._fixed_batch = _static_dim(self._vision, "pixel_values", 0) or _static_dim(self._decoder, "input_ids", 0)
         self._fixed_length = _static_dim(self._decoder, "input_ids", 1)
+        self._pool = (
+            ThreadPoolExecutor(parallel_runs, thread_name_prefix="zreward-run") if parallel_runs > 1 else None
+        )
 
     def _session(self, name: str, opts: Any, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
         import onnxruntime as ort
@@ -163,13 +179,17 @@ class Scorer:
                 raise type(e)(f"prompt {i}: {e}") from e
         if self._fixed_batch:
             batch_size = min(batch_size, self._fixed_batch)
-        results: list[dict[str, ScoreResult]] = []
-        for start in range(0, len(prompts), batch_size):
-            chunk_images = images[start : start + batch_size]
-            pixel_values = self.preprocessor.pixel_values(chunk_images, first_index=start)
+        if self._pool is not None:  # parts of about batch_size / parallel_runs, run concurrently
+            batch_size = math.ceil(min(batch_size, len(prompts)) / self.parallel_runs)
+        starts = range(0, len(prompts), batch_size)
+
+        def part(start: int) -> list[dict[str, ScoreResult]]:
+            pixel_values = self.preprocessor.pixel_values(images[start : start + batch_size], first_index=start)
             log_probs, means = self._run(pixel_values, prompts[start : start + batch_size], dims)
-            results.extend(self._results(log_probs, means, dims))
-        return results
+            return self._results(log_probs, means, dims)
+
+        parts = map(part, starts) if self._pool is None or len(starts) == 1 else self._pool.map(part, starts)
+        return [r for rs in parts for r in rs]
 
     def _run(self, pixel_values: np.ndarray, prompts: list[str], dims: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
         n = len(prompts)
