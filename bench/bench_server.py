@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=1.0, help="untimed seconds before each row")
     p.add_argument("--image-size", type=int, default=448, help="side of the test JPEG")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--parallel-runs", type=int, default=1, help="Scorer(parallel_runs=...) for --bundle")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--fake-latency-ms", type=float, default=10.0, help="--fake: cost of one call")
     p.add_argument("--fake-item-ms", type=float, default=2.0, help="--fake: extra cost per image")
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_scorer(bundle: str | None, device: str, fake_latency_ms: float, fake_item_ms: float):
+def build_scorer(bundle: str | None, device: str, fake_latency_ms: float, fake_item_ms: float, parallel_runs: int = 1):
     if bundle is None:
         from zreward_fast.runtime.testing import FakeScorer
 
@@ -76,17 +77,17 @@ def build_scorer(bundle: str | None, device: str, fake_latency_ms: float, fake_i
     from zreward_fast.runtime import Scorer
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
-    return Scorer(bundle, providers=providers)
+    return Scorer(bundle, providers=providers, parallel_runs=parallel_runs)
 
 
 def _serve(port: int, bundle: str | None, device: str, fake_latency_ms: float, fake_item_ms: float,
-           max_batch_size: int, max_wait_ms: float) -> None:
+           max_batch_size: int, max_wait_ms: float, parallel_runs: int = 1) -> None:
     """Child process: the HTTP server on loopback."""
     import uvicorn
 
     from zreward_fast.runtime.server import ServerConfig, create_app
 
-    scorer = build_scorer(bundle, device, fake_latency_ms, fake_item_ms)
+    scorer = build_scorer(bundle, device, fake_latency_ms, fake_item_ms, parallel_runs)
     cfg = ServerConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=4096, max_body_bytes=64 << 20)
     uvicorn.run(create_app(scorer, cfg), host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
@@ -176,6 +177,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results" / dev
     out_dir.mkdir(parents=True, exist_ok=True)
     scorer_name = "fake" if args.fake else Path(args.bundle).name
+    if args.parallel_runs > 1:
+        scorer_name += f" ({args.parallel_runs} runs)"
     image = make_image_bytes(0, (args.image_size, args.image_size), "JPEG")
     prompt = "a red cube on a wooden table"
     note = (f"fake {args.fake_latency_ms}ms/call + {args.fake_item_ms}ms/item, serial" if args.fake else "")
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
               f"batch {row['mean_batch']}  errors {row['errors']}", flush=True)
 
     if "direct" in args.modes or "batcher" in args.modes:
-        scorer = build_scorer(args.bundle, args.device, args.fake_latency_ms, args.fake_item_ms)
+        scorer = build_scorer(args.bundle, args.device, args.fake_latency_ms, args.fake_item_ms, args.parallel_runs)
         if hasattr(scorer, "warmup"):
             scorer.warmup()
         for conc in args.concurrency:
@@ -205,7 +208,7 @@ def main(argv=None) -> int:
         port = free_port()
         ctx = mp.get_context("spawn")
         proc = ctx.Process(target=_serve, args=(port, args.bundle, args.device, args.fake_latency_ms, args.fake_item_ms,
-                                                args.max_batch_size, args.max_wait_ms), daemon=True)
+                                                args.max_batch_size, args.max_wait_ms, args.parallel_runs), daemon=True)
         proc.start()
         base = f"http://127.0.0.1:{port}"
         try:
