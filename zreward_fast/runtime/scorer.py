@@ -69,7 +69,7 @@ class Scorer:
         parallel_runs: split each batch into this many parts and run them concurrently, each on
             its own share of the cores (``intra_op_num_threads`` defaults to cores / runs). On
             CPU, onnxruntime's intra-op threads parallelise a graph of many small ops poorly; one
-            thread per part does better (measured on 2 cores with 2 runs: ~18% more images/s at
+            thread per part does better (measured on 2 cores with 2 runs: 18-26% more images/s at
             batch 8). A single image is one part, so batch-1 latency gets fewer threads: keep 1
             (the default) for latency, use the core count for throughput.
     """
