@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .checks import pair_inputs
 from .dimensions import resolve_dimensions
 from .kernels import score_head
 from .processing import ZRewardBatch, ZRewardProcessor
@@ -113,13 +114,7 @@ class ZRewardModel(nn.Module):
         batch_size: int = 16,
     ) -> list[dict[str, ScoreResult]]:
         """Score images (PIL, paths, bytes, arrays or [3,H,W] tensors) against their prompts."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-            if not isinstance(images, (list, tuple)):
-                images = [images]
-        images, prompts = list(images), list(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        images, prompts = pair_inputs(images, prompts)
         dims = resolve_dimensions(dimensions, self.dimensions)
         results: list[dict[str, ScoreResult]] = []
         for start in range(0, len(images), batch_size):

@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
+from ..checks import positive_int
+
 logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[[list, list, Any], Sequence[Any]]
@@ -102,12 +104,6 @@ class _Request:
         self.deadline = deadline
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _timeout_value(name: str, value: Any) -> float | None:
     if value is None:
         return None
@@ -146,12 +142,12 @@ class DynamicBatcher:
         if not callable(score_fn):
             raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
         self._score_fn = score_fn
-        self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
+        self.max_batch_size = positive_int("max_batch_size", max_batch_size)
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
         self.max_wait_ms = float(max_wait_ms)
-        self.max_queue = _positive_int("max_queue", max_queue)
-        self.num_workers = _positive_int("num_workers", num_workers)
+        self.max_queue = positive_int("max_queue", max_queue)
+        self.num_workers = positive_int("num_workers", num_workers)
         self.default_timeout = _timeout_value("default_timeout", default_timeout)
         self._on_batch = on_batch
 

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from .. import imaging
+from ..checks import positive_int
 from ..prompting import check_prompt
 from .batcher import BatcherClosedError, QueueFullError, RequestTimeoutError
 
@@ -88,9 +89,7 @@ class RequestLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_items", "max_image_pixels", "max_prompt_chars"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(name, getattr(self, name))
 
 
 @dataclass

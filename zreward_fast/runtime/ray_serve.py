@@ -25,6 +25,7 @@ import collections
 import dataclasses
 from typing import Any, Callable
 
+from ..checks import positive_int
 from .http_schema import (
     HTTPError,
     RequestLimits,
@@ -178,10 +179,8 @@ def build_app(
         raise ValueError("give exactly one of bundle_dir and scorer_factory")
     if scorer_factory is not None and not callable(scorer_factory):
         raise TypeError("scorer_factory must be a zero-argument callable")
-    if not isinstance(num_replicas, int) or isinstance(num_replicas, bool) or num_replicas < 1:
-        raise ValueError(f"num_replicas must be a positive int, got {num_replicas!r}")
-    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+    positive_int("num_replicas", num_replicas)
+    positive_int("max_batch_size", max_batch_size)
     if isinstance(batch_wait_timeout_s, bool) or not isinstance(batch_wait_timeout_s, (int, float)) or batch_wait_timeout_s < 0:
         raise ValueError(f"batch_wait_timeout_s must be a number >= 0, got {batch_wait_timeout_s!r}")
     checked = RequestLimits(**limits)  # fail here, not in every replica

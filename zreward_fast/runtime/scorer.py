@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..checks import pair_inputs, positive_int
 from ..dimensions import resolve_dimensions
 from ..scale import ScoreResult, ScoreScale
 from .bundle import BundleError, verify_bundle
@@ -91,9 +92,7 @@ class Scorer:
             if not isinstance(intra_op_num_threads, int) or isinstance(intra_op_num_threads, bool) or intra_op_num_threads < 0:
                 raise ValueError(f"intra_op_num_threads must be a non-negative int, got {intra_op_num_threads!r}")
             opts.intra_op_num_threads = intra_op_num_threads
-        if not isinstance(parallel_runs, int) or isinstance(parallel_runs, bool) or parallel_runs < 1:
-            raise ValueError(f"parallel_runs must be a positive int, got {parallel_runs!r}")
-        self.parallel_runs = parallel_runs
+        self.parallel_runs = positive_int("parallel_runs", parallel_runs)
         if parallel_runs > 1 and intra_op_num_threads is None:
             opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // parallel_runs)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
@@ -157,19 +156,10 @@ class Scorer:
         single image scores one pair. Raises ``ValueError``/``TypeError`` for bad input (the
         offending index is named) before or without running the graphs on it.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-            if not isinstance(images, (list, tuple)):
-                images = [images]
-        if not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be a list or tuple of images, got {type(images).__name__}")
-        images, prompts = list(images), list(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        images, prompts = pair_inputs(images, prompts)
         if not prompts:
             return []
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         dims = resolve_dimensions(dimensions, self.dimensions)
         # Cheap checks of every prompt first, so a bad prompt fails before any compute.
         for i, p in enumerate(prompts):

@@ -40,6 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..checks import positive_int
 from .batcher import BatcherError, BatchInfo, DynamicBatcher
 from .http_schema import (
     HTTPError,
@@ -90,9 +91,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         self.limits()  # validates the four limits
         for name in ("max_batch_size", "max_queue", "num_workers", "decode_threads"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            positive_int(name, getattr(self, name))
         for name in ("request_timeout_s", "shutdown_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
