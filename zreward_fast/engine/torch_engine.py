@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import pair_inputs, positive_int
 from ..dimensions import query_token, resolve_dimensions
 from ..export.modules import (
     ExportDecoder,
@@ -46,6 +47,8 @@ from ..export.modules import (
     causal_conv1d_silu,
     chunk_gated_delta_rule,
     gdn_gates,
+    gdn_projections,
+    gdn_split_heads,
 )
 from ..modeling import ZRewardModel
 from ..processing import ZRewardProcessor
@@ -168,19 +171,13 @@ class _GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.hf
-        bsz, length = x.shape[:2]
-        qkv = m.in_proj_qkv(x)
-        z = m.in_proj_z(x).reshape(bsz, length, m.num_v_heads, m.head_v_dim)
-        b, a = m.in_proj_b(x), m.in_proj_a(x)
+        qkv, z, a, b = gdn_projections(m, x)
         if self.fla is not None:
             out = self.fla[1](qkv, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu")
             qkv = out[0] if isinstance(out, tuple) else out  # (y, final_state) in fla >= 0.2
         else:
             qkv = causal_conv1d_silu(qkv, m.conv1d.weight, m.conv1d.bias)
-        q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
-        q = q.reshape(bsz, length, m.num_k_heads, m.head_k_dim)
-        k = k.reshape(bsz, length, m.num_k_heads, m.head_k_dim)
-        v = v.reshape(bsz, length, m.num_v_heads, m.head_v_dim)
+        q, k, v = gdn_split_heads(m, qkv)
         g, beta = gdn_gates(a, b, m.A_log, m.dt_bias)
         if self.fla is not None:
             # Fewer q/k heads than v heads is passed as is (fla's grouped value attention), as
@@ -190,7 +187,7 @@ class _GatedDeltaNet(nn.Module):
         else:
             out = chunk_gated_delta_rule(q, k, v, g, beta)
         out = m.norm(out, z)  # gated RMSNorm over each value head
-        return m.out_proj(out.reshape(bsz, length, -1))
+        return m.out_proj(out.reshape(*x.shape[:2], -1))
 
 
 class _Layer(nn.Module):
@@ -549,22 +546,12 @@ class TorchEngine:
         sequence buckets) before anything runs. ``batch_size`` (default: the largest batch bucket)
         caps the rows per forward pass.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-            if not isinstance(images, (list, tuple)):
-                images = [images]
-        if not isinstance(images, (list, tuple)):
-            raise TypeError(f"images must be a list or tuple of images, got {type(images).__name__}")
-        images, prompts = list(images), list(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        images, prompts = pair_inputs(images, prompts)
         if not prompts:
             return []
         limit = self.batch_buckets[-1]
         if batch_size is not None:
-            if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-                raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-            limit = min(limit, batch_size)
+            limit = min(limit, positive_int("batch_size", batch_size))
         dims = resolve_dimensions(dimensions, self.dimensions)
         tokenized = [self._tokenize(p, dims, i) for i, p in enumerate(prompts)]
         results: list[dict[str, ScoreResult]] = []

@@ -142,6 +142,22 @@ def chunk_gated_delta_rule(
     return out.index_select(1, torch.arange(length, device=q.device)).to(dtype)  # drop the padding
 
 
+def gdn_projections(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A Qwen3.5 GatedDeltaNet's input projections of ``x [B, L, H]``: ``qkv`` (before the conv),
+    ``z [B, L, Hv, dv]`` (the output gate), and the gate inputs ``a``, ``b [B, L, Hv]``."""
+    bsz, length = x.shape[:2]
+    z = m.in_proj_z(x).reshape(bsz, length, m.num_v_heads, m.head_v_dim)
+    return m.in_proj_qkv(x), z, m.in_proj_a(x), m.in_proj_b(x)
+
+
+def gdn_split_heads(m: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The convolved ``qkv [B, L, 2*Hk*dk + Hv*dv]`` -> q, k ``[B, L, Hk, dk]`` and v ``[B, L, Hv, dv]``."""
+    bsz, length = qkv.shape[:2]
+    q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
+    return (q.reshape(bsz, length, m.num_k_heads, m.head_k_dim), k.reshape(bsz, length, m.num_k_heads, m.head_k_dim),
+            v.reshape(bsz, length, m.num_v_heads, m.head_v_dim))
+
+
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Depthwise causal conv + SiLU on channels-last ``x [B, L, C]`` with ``weight [C, 1, K]``.
 
@@ -291,19 +307,9 @@ class _GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``rows [B, D]``: return only those positions (the recurrence still reads every step)."""
         m = self.hf
-        x = x * mask  # HF zeroes padded positions before the token mixer
-        bsz, length = x.shape[:2]
-        qkv = m.in_proj_qkv(x)
-        z = m.in_proj_z(x).reshape(bsz, length, m.num_v_heads, m.head_v_dim)
-        b, a = m.in_proj_b(x), m.in_proj_a(x)
-        if self.gdn == "contrib":
-            qkv = torch.ops.zreward_fast.causal_conv1d_silu(qkv, m.conv1d.weight, m.conv1d.bias)
-        else:
-            qkv = causal_conv1d_silu(qkv, m.conv1d.weight, m.conv1d.bias)
-        q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
-        q = q.reshape(bsz, length, m.num_k_heads, m.head_k_dim)
-        k = k.reshape(bsz, length, m.num_k_heads, m.head_k_dim)
-        v = v.reshape(bsz, length, m.num_v_heads, m.head_v_dim)
+        qkv, z, a, b = gdn_projections(m, x * mask)  # HF zeroes padded positions before the token mixer
+        conv = torch.ops.zreward_fast.causal_conv1d_silu if self.gdn == "contrib" else causal_conv1d_silu
+        q, k, v = gdn_split_heads(m, conv(qkv, m.conv1d.weight, m.conv1d.bias))
         if self.gdn == "contrib":
             q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
             out = torch.ops.zreward_fast.gated_delta_net(q, k, v, a, b, m.A_log, m.dt_bias)
