@@ -70,26 +70,26 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        impls = {"transformers-eager-fp32": (lambda b: rm.score(images[:b], prompts[:b]), None)}
-        # Gated DeltaNet as onnxruntime's contrib ops (the default) and decomposed into standard ops
-        # (chunked, matrix products): on CPU the decomposed form is the faster one.
+        # Every implementation has score(images, prompts): the model itself and each bundle's Scorer.
+        impls = {"transformers-eager-fp32": (rm, None)}
+        # Gated DeltaNet as onnxruntime's contrib ops and decomposed into standard ops (the default;
+        # chunked, matrix products): on CPU the decomposed form is the faster one.
         for mode, gdn in (("none", "contrib"), ("int8", "contrib"), ("none", "decomposed"), ("int8", "decomposed")):
             res = export_bundle(rm, Path(tmp) / f"{mode}-{gdn}", quantize=mode, gdn=gdn, num_pairs=args.pairs,
                                 force=True, progress=False)
-            scorer = Scorer(res.path)
             name = ("onnx-fp32" if mode == "none" else "onnx-int8-dynamic") + f"-{gdn}"
-            impls[name] = ((lambda s: (lambda b: s.score(images[:b], prompts[:b])))(scorer), res.parity["overall"])
+            impls[name] = (Scorer(res.path), res.parity["overall"])
             if gdn == "decomposed":
                 # The same bundle, each batch split into one part per core run concurrently
                 # (Scorer(parallel_runs=...)): throughput over batch-1 latency.
                 runs = max(2, os.cpu_count() or 1)
-                par = Scorer(res.path, parallel_runs=runs)
-                impls[f"{name}-{runs}runs"] = ((lambda s: (lambda b: s.score(images[:b], prompts[:b])))(par),
-                                               res.parity["overall"])
+                impls[f"{name}-{runs}runs"] = (Scorer(res.path, parallel_runs=runs), res.parity["overall"])
         with torch.inference_mode():
-            lat = interleaved({k: (lambda f: lambda: f(1))(fn) for k, (fn, _) in impls.items()}, args.repeats)
-            thr = interleaved({k: (lambda f: lambda: f(args.batch))(fn) for k, (fn, _) in impls.items()},
-                              max(3, args.repeats // 2))
+            def calls(b: int) -> dict:
+                return {k: (lambda s=s: s.score(images[:b], prompts[:b])) for k, (s, _) in impls.items()}
+
+            lat = interleaved(calls(1), args.repeats)
+            thr = interleaved(calls(args.batch), max(3, args.repeats // 2))
         for name, (_, parity) in impls.items():
             rows.append({
                 "impl": name, "device": device_name("cpu"), "threads": torch.get_num_threads(),
