@@ -131,6 +131,8 @@ def test_save_and_from_pretrained(rm, tmp_path):
 def test_bad_inputs(rm):
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         rm.score(_images(2), PROMPTS[:1])
+    with pytest.raises(TypeError, match="list or tuple of images"):  # a batched tensor is not split silently
+        rm.score(torch.rand(2, 3, 64, 64), PROMPTS[:2])
     with pytest.raises(TypeError, match="torch.Tensor"):
         rm.reward(np.zeros((1, 3, 64, 64), np.float32), PROMPTS[:1])
     with pytest.raises(TypeError, match="float"):
