@@ -42,3 +42,11 @@ def trained_student(tmp_path_factory):
     trainer.train()
     trainer.save_pretrained(tmp / "model")
     return tmp / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Qwen3.5 reward model and its processor (64x64 bucket)."""
+    from zreward_fast.testing import tiny_model
+
+    return tiny_model(seed=0)

@@ -34,11 +34,6 @@ PROMPTS = ["a red cat", "two dogs under a bright blue sky, with strong contrast 
 
 
 # ---------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(0)
-
-
 def _images(tmp: Path) -> list:
     rng = np.random.default_rng(0)
     pil = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .dimensions import DIMENSIONS
@@ -56,6 +57,24 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(json.dumps({"scores": {d: r.to_dict() for d, r in scores.items()}}))
     else:
         _print_scores(scores, model.scale.levels)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate, format_dimensions, format_table
+
+    source = args.bundle or args.model
+    try:
+        report = evaluate(source, seed=args.seed, pairs=args.pairs, conflicts=args.conflicts,
+                          teacher=args.teacher, progress=True)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table({Path(source).name or str(source): report}))
+    print()
+    print(format_dimensions(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 
@@ -194,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--output-dir", default=None)
     tr.add_argument("--resume-from", default=None, help="a checkpoint directory written by the trainer")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="measure a model or bundle on the synthetic benchmark (known scores)")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="directory of a saved ZRewardModel")
+    src.add_argument("--bundle", help="directory of an exported bundle")
+    ev.add_argument("--seed", type=int, default=0, help="benchmark seed (training data never uses its streams)")
+    ev.add_argument("--pairs", type=int, default=128, help="benchmark pairs, spread over dimensions and gaps")
+    ev.add_argument("--conflicts", type=int, default=None, help="conflict pairs (default: pairs / 4)")
+    ev.add_argument("--teacher", action="store_true", help="the model is a reasoning teacher: reason, then score")
+    ev.add_argument("--json", default=None, help="also write the full report to this JSON file")
+    ev.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("tiny", help="write a tiny random model (for tests and the demo; no download)")
     t.add_argument("--out", required=True)

@@ -21,18 +21,28 @@ from .teacher import default_engine, forward_hidden, rollouts
 
 
 @torch.no_grad()
-def teacher_distributions(
+def teacher_outputs(
     rm: ZRewardModel, images: Sequence[Any], prompts: Sequence[str], dims: Sequence[str],
     engine: RolloutEngine | None = None, num_samples: int = 1,
-) -> torch.Tensor:
-    """[len(images), K] reasoning-conditioned probabilities (averaged over ``num_samples``)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[len(images), K] reasoning-conditioned probabilities (averaged over ``num_samples``) and
+    [len(images)] mean number of reasoning tokens generated (the teacher's scoring cost)."""
     engine = engine or default_engine(rm)
     batch = rollouts(rm, images, prompts, dims, num_samples, engine)
     hidden = forward_hidden(rm.model, batch)
     rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.query_positions.to(hidden.device)]
     head = rm.lm_head
     probs = score_head(rows, head.weight, rm.score_token_ids, rm.levels, getattr(head, "bias", None)).probs
-    return probs.view(len(images), num_samples, -1).mean(1).cpu()
+    lengths = batch.reasoning_len.float().view(len(images), num_samples).mean(1)
+    return probs.view(len(images), num_samples, -1).mean(1).cpu(), lengths
+
+
+def teacher_distributions(
+    rm: ZRewardModel, images: Sequence[Any], prompts: Sequence[str], dims: Sequence[str],
+    engine: RolloutEngine | None = None, num_samples: int = 1,
+) -> torch.Tensor:
+    """[len(images), K] reasoning-conditioned probabilities (averaged over ``num_samples``)."""
+    return teacher_outputs(rm, images, prompts, dims, engine, num_samples)[0]
 
 
 def teacher_means(rm: ZRewardModel, images, prompts, dims, engine=None, num_samples: int = 1) -> list[float]:

@@ -1,29 +1,35 @@
-"""Procedural images whose four dimension scores are known by construction.
+"""Procedural images whose four dimension scores are known by construction, and a benchmark.
 
-A scene is a few coloured shapes standing on the ground under a light from the left. Each
-dimension has its own degradation, drawn independently, so one image carries four known scores
-on the half-point scale (0.0 .. 4.0, 4.0 = perfect):
+A scene is a few groups of coloured shapes standing on the ground under a light from the left,
+laid out left to right in the order the prompt names them ("two red squares left of a blue
+circle"). Each dimension has its own degradations, drawn independently, so one image carries four
+known scores on the half-point scale (0.0 .. 4.0, 4.0 = perfect); docs/synthetic.md has the rules:
 
-- **alignment**: the prompt names each object's count, colour and shape; every mismatch drawn
-  (a wrong colour, a wrong shape, a missing or extra object) costs one point;
-- **realism**: Gaussian noise, blur and blocky artefacts, half a point per step;
-- **aesthetics**: composition (objects balanced around the centre or crammed into a corner) and
-  contrast (washed out towards the background colour), half a point per step;
-- **plausibility**: objects floating above the ground and shadows falling towards the light, one
-  point per impossible object.
+- **alignment** needs the prompt: every error draws a scene some other prompt would describe
+  exactly. A wrong colour or a wrong shape costs half a point, a missing or an extra object one
+  point, two groups drawn in swapped order one point. Substitutes never form a combination the
+  prompt names, so no cheaper reading of the image exists;
+- **realism**: blur, Gaussian noise and (from 4 steps) blocky artefacts, half a point per step;
+- **aesthetics**: objects crowded towards the left and colours washed out towards the background,
+  half a point per step of each;
+- **plausibility**: an object floating above the ground or a shadow falling towards the light
+  costs one point, an object with no shadow half a point.
 
-Everything is deterministic in the seed. Images are drawn at ``size`` (default 128) with PIL.
+Everything is deterministic in the seed. Training data (:func:`make_sample`, :func:`degraded_pair`)
+and the benchmark (:func:`benchmark_pairs`, :func:`conflict_pairs`) draw from separate seed
+streams, so a benchmark seed is never a training seed.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..dimensions import DIMENSIONS
+from ..dimensions import DIMENSIONS, resolve_dimensions
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -31,9 +37,20 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 PROMPT_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-FOREIGN_COLOURS = ("white", "black")  # never named in prompts: drawn only as mismatches
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+NUMBER_WORDS = {2: "two", 3: "three"}
 MAX_SCORE = 4.0
+BACKGROUND = (200, 215, 235)
+GROUND = (120, 150, 90)
+SHADOW = (70, 90, 55)
+GAPS = (0.5, 1.0, 1.5, 2.0)
+
+ERROR_COSTS = {"colour": 0.5, "shape": 0.5, "missing": 1.0, "extra": 1.0, "order": 1.0}
+MAX_EXTRAS = 2
+MAX_COMPOSITION, MAX_CONTRAST = 4, 6
+
+# Seed streams: a benchmark pair i of seed s comes from default_rng([_BENCHMARK, s, i]); training
+# samples from default_rng(int). An int seed's entropy never equals a 3-word list led by a tag.
+_BENCHMARK, _CONFLICT = 0x5EED_BE7C, 0x5EED_C0F1
 
 
 @dataclass
@@ -41,37 +58,137 @@ class SceneObject:
     shape: str
     colour: str
 
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """``count`` objects of one colour and shape, next to each other."""
+
+    colour: str
+    shape: str
+    count: int
+
+    def text(self) -> str:
+        article = "an" if self.colour[0] in "aeiou" else "a"
+        number = article if self.count == 1 else NUMBER_WORDS[self.count]
+        return f"{number} {self.colour} {self.shape}{'s' if self.count > 1 else ''}"
+
+
+@dataclass(frozen=True)
+class AlignmentError:
+    """One way the drawing departs from the prompt (costs in ``ERROR_COSTS``).
+
+    ``group`` indexes the prompt's groups; ``index`` the object within its group (colour and
+    shape errors); ``value`` the substitute colour or shape. ``order`` swaps groups ``group``
+    and ``group + 1``.
+    """
+
+    kind: str
+    group: int
+    index: int = 0
+    value: str = ""
+
+
+def describe(groups: Sequence[Group]) -> str:
+    """The prompt for ``groups``, left to right: "two red squares left of a blue circle"."""
+    return " left of ".join(g.text() for g in groups)
+
 
 @dataclass
 class Scene:
-    """What the prompt asks for, and the degradation levels actually drawn."""
+    """What the prompt asks for, and the degradations actually drawn."""
 
-    wanted: list[SceneObject]
-    drawn: list[SceneObject]
+    groups: list[Group]
+    errors: list[AlignmentError] = field(default_factory=list)
     noise_steps: int = 0  # realism
     composition_steps: int = 0  # aesthetics
     contrast_steps: int = 0
-    floating: int = 0  # plausibility: objects above the ground
-    wrong_shadows: int = 0
-    background: tuple[int, int, int] = (200, 215, 235)
+    floating: int = 0  # plausibility: the first ``floating`` drawn objects float
+    wrong_shadows: int = 0  # the first ``wrong_shadows`` objects' shadows fall towards the light
+    missing_shadows: int = 0  # the next ``missing_shadows`` objects have none
     seed: int = 0
 
     def prompt(self) -> str:
-        groups: dict[tuple[str, str], int] = {}
-        for o in self.wanted:
-            groups[(o.colour, o.shape)] = groups.get((o.colour, o.shape), 0) + 1
-        parts = [f"{NUMBER_WORDS[n]} {c} {s}{'s' if n > 1 else ''}" for (c, s), n in groups.items()]
-        text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return f"a picture of {text} on the ground"
+        return describe(self.groups)
+
+    @property
+    def wanted(self) -> list[SceneObject]:
+        return [SceneObject(g.shape, g.colour) for g in self.groups for _ in range(g.count)]
+
+    @property
+    def drawn(self) -> list[SceneObject]:
+        """The objects drawn, left to right."""
+        return [o for gi in self._order() for o in self._group_objects()[gi]]
+
+    def _counts(self) -> list[int]:
+        counts = [g.count for g in self.groups]
+        for e in self.errors:
+            counts[e.group] += {"missing": -1, "extra": 1}.get(e.kind, 0)
+        return counts
+
+    def _group_objects(self) -> list[list[SceneObject]]:
+        objs = [[SceneObject(g.shape, g.colour) for _ in range(n)] for g, n in zip(self.groups, self._counts())]
+        for e in self.errors:
+            if e.kind == "colour":
+                objs[e.group][e.index].colour = e.value
+            elif e.kind == "shape":
+                objs[e.group][e.index].shape = e.value
+        return objs
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.groups)))
+        for e in self.errors:
+            if e.kind == "order":
+                order[e.group], order[e.group + 1] = order[e.group + 1], order[e.group]
+        return order
 
     def scores(self) -> dict[str, float]:
-        mismatches = _mismatches(self.wanted, self.drawn)
-        return {
-            "alignment": max(0.0, MAX_SCORE - 1.0 * mismatches),
-            "realism": max(0.0, MAX_SCORE - 0.5 * self.noise_steps),
-            "aesthetics": max(0.0, MAX_SCORE - 0.5 * (self.composition_steps + self.contrast_steps)),
-            "plausibility": max(0.0, MAX_SCORE - 1.0 * (self.floating + self.wrong_shadows)),
+        deficit = {
+            "alignment": sum(ERROR_COSTS[e.kind] for e in self.errors),
+            "realism": 0.5 * self.noise_steps,
+            "aesthetics": 0.5 * (self.composition_steps + self.contrast_steps),
+            "plausibility": 1.0 * (self.floating + self.wrong_shadows) + 0.5 * self.missing_shadows,
         }
+        return {d: max(0.0, MAX_SCORE - deficit[d]) for d in DIMENSIONS}
+
+    def reasoning(self, dimension: str) -> str:
+        """What a careful rater would note on ``dimension``: the facts behind its score."""
+        if dimension == "alignment":
+            return _alignment_facts(self)
+        if dimension == "realism":
+            return f"blur and noise level {self.noise_steps}." if self.noise_steps else "the image is sharp and clean."
+        if dimension == "aesthetics":
+            if not (self.composition_steps or self.contrast_steps):
+                return "balanced composition and good contrast."
+            return f"crowded to the left level {self.composition_steps}, washed out level {self.contrast_steps}."
+        if dimension == "plausibility":
+            drawn = self.drawn
+            facts = [f"the {drawn[i].name()} floats above the ground" for i in range(self.floating)]
+            facts += [f"the shadow of the {drawn[i].name()} is on the left" for i in range(self.wrong_shadows)]
+            w = self.wrong_shadows
+            facts += [f"the {drawn[i].name()} has no shadow" for i in range(w, w + self.missing_shadows)]
+            return ("; ".join(facts) if facts else "every object is on the ground with its shadow") + "."
+        raise ValueError(f"unknown dimension {dimension!r}")
+
+
+def _alignment_facts(scene: Scene) -> str:
+    facts = []
+    for e in scene.errors:
+        g = scene.groups[e.group]
+        if e.kind == "colour":
+            facts.append(f"one {g.colour} {g.shape} is {e.value}")
+        elif e.kind == "shape":
+            facts.append(f"one {g.colour} {g.shape} is a {e.value}")
+        elif e.kind == "missing":
+            facts.append(f"one {g.colour} {g.shape} is missing")
+        elif e.kind == "extra":
+            facts.append(f"one {g.colour} {g.shape} too many")
+        else:
+            h = scene.groups[e.group + 1]
+            facts.append(f"the {h.colour} {h.shape} is left of the {g.colour} {g.shape}")
+    return ("; ".join(facts) if facts else "it shows what the prompt asks for") + "."
 
 
 @dataclass
@@ -82,98 +199,209 @@ class SyntheticSample:
     scene: Scene = field(repr=False)
 
 
-def _mismatches(wanted: list[SceneObject], drawn: list[SceneObject]) -> int:
-    """Wanted objects not drawn plus drawn objects not wanted, as multisets (a wrong colour or
-    shape counts once, like a missing or an extra object)."""
-    left = [(o.shape, o.colour) for o in wanted]
-    matched = 0
-    for o in drawn:
-        key = (o.shape, o.colour)
-        if key in left:
-            left.remove(key)
-            matched += 1
-    return max(len(wanted), len(drawn)) - matched
+@dataclass
+class BenchmarkPair:
+    """Two images of one prompt with their known scores.
 
-
-def random_scene(rng: np.random.Generator, target: dict[str, float] | None = None) -> Scene:
-    """A scene whose degradations realise ``target`` scores (random half-point targets if None).
-
-    Realism and aesthetics are realised exactly; alignment and plausibility move in whole points
-    (a half-point target rounds down), and plausibility can lose at most two points per object.
-    The labels are always :meth:`Scene.scores` of what was drawn.
+    A benchmark pair differs by ``gap`` on ``dimension`` only. A conflict pair's first image is
+    better by ``gap`` on ``dimension`` and worse by ``other_gap`` on ``other``.
     """
+
+    images: tuple[Image.Image, Image.Image]
+    prompt: str
+    dimension: str
+    gap: float
+    scores: tuple[dict[str, float], dict[str, float]]
+    other: str | None = None
+    other_gap: float = 0.0
+    scenes: tuple[Scene, Scene] | None = field(default=None, repr=False)
+
+
+# ---------------------------------------------------------------- drawing degradations
+def _random_groups(rng: np.random.Generator) -> list[Group]:
+    m = int(rng.integers(1, 4))
+    combos: list[tuple[str, str]] = []
+    while len(combos) < m:
+        c = (str(rng.choice(PROMPT_COLOURS)), str(rng.choice(SHAPES)))
+        if c not in combos:
+            combos.append(c)
+    top = 3 if m == 1 else 2
+    return [Group(c, s, int(rng.integers(1, top + 1))) for c, s in combos]
+
+
+def _half_options(scene: Scene) -> list[AlignmentError]:
+    """Colour and shape errors still possible: one of each per original, present object."""
+    named = {(g.colour, g.shape) for g in scene.groups}
+    colours = [c for c in COLOURS if c not in {g.colour for g in scene.groups}]
+    done = {(e.kind, e.group, e.index) for e in scene.errors}
+    missing = [sum(e.kind == "missing" and e.group == gi for e in scene.errors) for gi in range(len(scene.groups))]
+    out = []
+    for gi, g in enumerate(scene.groups):
+        for k in range(g.count - missing[gi]):
+            if ("colour", gi, k) not in done:
+                out.append(AlignmentError("colour", gi, k, colours[(gi + k) % len(colours)]))
+            shapes = [s for s in SHAPES if s != g.shape and (g.colour, s) not in named]
+            if ("shape", gi, k) not in done and shapes:
+                out.append(AlignmentError("shape", gi, k, shapes[(gi + k) % len(shapes)]))
+    return out
+
+
+def _full_options(scene: Scene) -> list[AlignmentError]:
+    out = []
+    kinds = [(e.kind, e.group) for e in scene.errors]
+    touched = {e.group for e in scene.errors if e.kind in ("colour", "shape")}
+    extras = sum(k == "extra" for k, _ in kinds)
+    for gi, g in enumerate(scene.groups):
+        if extras < MAX_EXTRAS and ("missing", gi) not in kinds:
+            out.append(AlignmentError("extra", gi))
+        # one object missing from a group of 2+, never one that carries a colour or shape error
+        if g.count >= 2 and ("missing", gi) not in kinds and ("extra", gi) not in kinds and gi not in touched:
+            out.append(AlignmentError("missing", gi))
+    if not any(k == "order" for k, _ in kinds):
+        out += [AlignmentError("order", gi) for gi in range(len(scene.groups) - 1)]
+    return out
+
+
+def _add_alignment_errors(rng: np.random.Generator, scene: Scene, half_units: int) -> bool:
+    """Add errors costing exactly ``half_units`` half-points; False if the scene cannot."""
+    if half_units % 2:
+        opts = _half_options(scene)
+        if not opts:
+            return False
+        scene.errors.append(opts[int(rng.integers(len(opts)))])
+        half_units -= 1
+    while half_units > 0:
+        halves, fulls = _half_options(scene), _full_options(scene)
+        choices = fulls + ([None] if len(halves) >= 2 else [])
+        if not choices:
+            return False
+        pick = choices[int(rng.integers(len(choices)))]
+        if pick is None:  # two half-point errors on different objects
+            first = halves[int(rng.integers(len(halves)))]
+            scene.errors.append(first)
+            rest = _half_options(scene)
+            if not rest:
+                return False
+            scene.errors.append(rest[int(rng.integers(len(rest)))])
+        else:
+            scene.errors.append(pick)
+        half_units -= 2
+    return True
+
+
+def _add_plausibility(rng: np.random.Generator, scene: Scene, half_units: int) -> bool:
+    n = len(scene.drawn)
+    if half_units % 2:
+        if scene.wrong_shadows + scene.missing_shadows >= n:
+            return False
+        scene.missing_shadows += 1
+        half_units -= 1
+    while half_units > 0:
+        opts = (["float"] if scene.floating < n else []) + (["shadow"] if scene.wrong_shadows + scene.missing_shadows < n else [])
+        if not opts:
+            return False
+        if opts[int(rng.integers(len(opts)))] == "float":
+            scene.floating += 1
+        else:
+            scene.wrong_shadows += 1
+        half_units -= 2
+    return True
+
+
+def _add_aesthetics(rng: np.random.Generator, scene: Scene, half_units: int) -> bool:
+    for _ in range(half_units):
+        opts = (["comp"] if scene.composition_steps < MAX_COMPOSITION else []) + (
+            ["contrast"] if scene.contrast_steps < MAX_CONTRAST else [])
+        if not opts:
+            return False
+        if opts[int(rng.integers(len(opts)))] == "comp":
+            scene.composition_steps += 1
+        else:
+            scene.contrast_steps += 1
+    return True
+
+
+def degrade(rng: np.random.Generator, scene: Scene, dimension: str, drop: float) -> Scene | None:
+    """A copy of ``scene`` worse by exactly ``drop`` (a multiple of 0.5) on ``dimension`` only,
+    or None when this scene has no room for it (too few objects, nothing left to degrade)."""
+    half_units = int(round(drop * 2))
+    if half_units != drop * 2 or half_units < 0:
+        raise ValueError(f"drop must be a non-negative multiple of 0.5, got {drop}")
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"unknown dimension {dimension!r}; known dimensions are {list(DIMENSIONS)}")
+    out = copy.deepcopy(scene)
+    before = scene.scores()[dimension]
+    if before - drop < 0:
+        return None
+    if dimension == "alignment":
+        ok = _add_alignment_errors(rng, out, half_units)
+        # alignment errors change the objects drawn: the plausibility defects must still fit
+        ok = ok and out.floating <= len(out.drawn) and out.wrong_shadows + out.missing_shadows <= len(out.drawn)
+    elif dimension == "realism":
+        out.noise_steps += half_units
+        ok = True
+    elif dimension == "aesthetics":
+        ok = _add_aesthetics(rng, out, half_units)
+    else:
+        ok = _add_plausibility(rng, out, half_units)
+    return out if ok else None
+
+
+def random_scene(rng: np.random.Generator, target: dict[str, float] | None = None, max_tries: int = 100) -> Scene:
+    """A scene whose degradations realise ``target`` scores exactly (random half-point scores for
+    the dimensions it leaves out). The labels are always :meth:`Scene.scores` of what was drawn."""
     target = dict(target or {})
+    for d, v in target.items():
+        if d not in DIMENSIONS:
+            raise ValueError(f"unknown dimension {d!r}; known dimensions are {list(DIMENSIONS)}")
+        if not 0.0 <= v <= MAX_SCORE or (v * 2) != int(v * 2):
+            raise ValueError(f"{d} target must be a half-point score in [0, 4], got {v}")
     for d in DIMENSIONS:
         if d not in target:
             target[d] = float(rng.integers(0, 9)) / 2.0
-    for d, v in target.items():
-        if d not in DIMENSIONS:
-            raise ValueError(f"unknown dimension {d!r}")
-        if not 0.0 <= v <= MAX_SCORE or (v * 2) != int(v * 2):
-            raise ValueError(f"{d} target must be a half-point score in [0, 4], got {v}")
-    n = int(rng.integers(1, 4))
-    wanted = [SceneObject(str(rng.choice(SHAPES)), str(rng.choice(PROMPT_COLOURS))) for _ in range(n)]
-    drawn = _apply_mismatches(rng, wanted, int(MAX_SCORE - math.floor(target["alignment"])))
-    realism = int(round((MAX_SCORE - target["realism"]) * 2))
-    aest = int(round((MAX_SCORE - target["aesthetics"]) * 2))
-    comp = int(rng.integers(0, min(aest, 4) + 1))
-    plaus = min(int(MAX_SCORE - math.floor(target["plausibility"])), 2 * len(drawn))
-    floating = min(plaus, len(drawn))
-    return Scene(
-        wanted=wanted, drawn=drawn, noise_steps=realism, composition_steps=comp, contrast_steps=aest - comp,
-        floating=floating, wrong_shadows=plaus - floating, seed=int(rng.integers(0, 2**31 - 1)),
-    )
+    for _ in range(max_tries):
+        scene = Scene(groups=_random_groups(rng), seed=int(rng.integers(0, 2**31 - 1)))
+        for d in DIMENSIONS:  # alignment first: it decides how many objects are drawn
+            scene = degrade(rng, scene, d, MAX_SCORE - target[d]) if scene is not None else None
+        if scene is not None:
+            return scene
+    raise RuntimeError(f"could not realise target {target} in {max_tries} scenes")
 
 
-def _apply_mismatches(rng: np.random.Generator, wanted: list[SceneObject], k: int) -> list[SceneObject]:
-    """Draw ``wanted`` with exactly ``k`` mismatches: substitutions or removals of distinct objects,
-    then extra objects. Substitutes and extras use colours no prompt names, so they never match."""
-    drawn = [SceneObject(o.shape, o.colour) for o in wanted]
-    n = len(drawn)
-    changed = [int(i) for i in rng.permutation(n)[: min(k, n)]]
-    removals = set()
-    for i in changed:
-        if k <= n and rng.random() < 0.3:
-            removals.add(i)
-        else:
-            drawn[i] = SceneObject(str(rng.choice(SHAPES)), str(rng.choice(FOREIGN_COLOURS)))
-    drawn = [o for i, o in enumerate(drawn) if i not in removals]
-    for _ in range(max(0, k - n)):
-        drawn.append(SceneObject(str(rng.choice(SHAPES)), str(rng.choice(FOREIGN_COLOURS))))
-    return drawn
-
-
+# ---------------------------------------------------------------- rendering
 def render(scene: Scene, size: int = 128) -> Image.Image:
     rng = np.random.default_rng(scene.seed)
     s = size
-    img = Image.new("RGB", (s, s), scene.background)
+    img = Image.new("RGB", (s, s), BACKGROUND)
     d = ImageDraw.Draw(img)
     ground = int(s * 0.75)
-    d.rectangle((0, ground, s, s), fill=(120, 150, 90))
-    n = max(len(scene.drawn), 1)
-    r = s / (4.5 + n)
-    for i, obj in enumerate(scene.drawn):
-        if scene.composition_steps:  # crowd towards the top-left corner
-            squeeze = 1.0 / (1 + scene.composition_steps)
-            cx = r + (i + 0.5) * (s - 2 * r) / n * squeeze
-        else:
-            cx = (i + 1) * s / (n + 1)
-        float_up = i < scene.floating
-        base_y = ground - (s * 0.3 if float_up else 0)
+    d.rectangle((0, ground, s, s), fill=GROUND)
+    drawn = scene.drawn
+    n = max(len(drawn), 1)
+    spacing = s / (n + 1)
+    r = min(s / (4.5 + n), 0.36 * spacing)  # neighbours never overlap: alignment stays readable
+    # crowding moves the row towards the left edge and packs it tighter (never overlapping)
+    k = 1.0 + scene.composition_steps
+    first = 1.2 * r + (spacing - 1.2 * r) / k
+    spacing = max(2.5 * r, spacing / (1.0 + 0.5 * scene.composition_steps))
+    w = scene.wrong_shadows
+    for i, obj in enumerate(drawn):
+        cx = first + i * spacing
+        base_y = ground - (s * 0.3 if i < scene.floating else 0)
         cy = base_y - r
-        wrong_shadow = i < scene.wrong_shadows
-        # light comes from the left: shadows fall to the right, on the ground under the object
-        sx = cx - 1.6 * r if wrong_shadow else cx + 0.6 * r
-        d.ellipse((sx - r, ground - 0.25 * r, sx + r, ground + 0.25 * r), fill=(70, 90, 55))
-        colour = _washed(COLOURS[obj.colour], scene.background, scene.contrast_steps)
+        if not w <= i < w + scene.missing_shadows:
+            # light comes from the left: shadows fall to the right, on the ground under the object
+            sx = cx - 1.6 * r if i < w else cx + 0.6 * r
+            d.ellipse((sx - r, ground - 0.25 * r, sx + r, ground + 0.25 * r), fill=SHADOW)
+        colour = _washed(COLOURS[obj.colour], BACKGROUND, scene.contrast_steps)
         _shape(d, obj.shape, cx, cy, r, colour)
     if scene.noise_steps:
-        img = _degrade(img, scene.noise_steps, rng)
+        img = _degrade_pixels(img, scene.noise_steps, rng)
     return img
 
 
 def _washed(c, bg, steps: int):
-    t = min(steps, 6) / 7.0
+    t = min(steps, MAX_CONTRAST) / 7.0
     return tuple(int(round((1 - t) * a + t * b)) for a, b in zip(c, bg))
 
 
@@ -193,10 +421,9 @@ def _shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, c
         d.polygon(pts, fill=colour)
 
 
-def _degrade(img: Image.Image, steps: int, rng: np.random.Generator) -> Image.Image:
+def _degrade_pixels(img: Image.Image, steps: int, rng: np.random.Generator) -> Image.Image:
     """Realism steps: blur, then noise, then blocky artefacts, stronger with each step."""
-    blur = 0.6 * steps
-    img = img.filter(ImageFilter.GaussianBlur(blur))
+    img = img.filter(ImageFilter.GaussianBlur(0.6 * steps))
     a = np.asarray(img, np.float32)
     a = a + rng.normal(0.0, 7.0 * steps, a.shape)
     if steps >= 4:  # blocky artefacts: coarse resampling
@@ -206,11 +433,14 @@ def _degrade(img: Image.Image, steps: int, rng: np.random.Generator) -> Image.Im
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
+def _sample(scene: Scene, size: int) -> SyntheticSample:
+    return SyntheticSample(render(scene, size), scene.prompt(), scene.scores(), scene)
+
+
+# ---------------------------------------------------------------- training data
 def make_sample(seed: int, size: int = 128, target: dict[str, float] | None = None) -> SyntheticSample:
     """One image, its prompt and its four scores; the same seed gives the same sample."""
-    rng = np.random.default_rng(seed)
-    scene = random_scene(rng, target)
-    return SyntheticSample(render(scene, size), scene.prompt(), scene.scores(), scene)
+    return _sample(random_scene(np.random.default_rng(seed), target), size)
 
 
 def samples(n: int, seed: int = 0, size: int = 128) -> Iterator[SyntheticSample]:
@@ -220,20 +450,75 @@ def samples(n: int, seed: int = 0, size: int = 128) -> Iterator[SyntheticSample]
 
 def degraded_pair(seed: int, dimension: str, size: int = 128, drop: float = 2.0) -> tuple[SyntheticSample, SyntheticSample]:
     """A clean sample and the same scene degraded by ``drop`` points on one dimension only."""
-    if dimension not in DIMENSIONS:
-        raise ValueError(f"unknown dimension {dimension!r}")
     rng = np.random.default_rng(seed)
-    clean_target = {d: MAX_SCORE for d in DIMENSIONS}
-    clean_scene = random_scene(rng, clean_target)
-    bad_target = dict(clean_target, **{dimension: MAX_SCORE - drop})
-    bad_scene = random_scene(np.random.default_rng(seed), bad_target)
-    # same prompt and objects: the degraded scene keeps the clean one's wanted list and seed
-    bad_scene.wanted = [SceneObject(o.shape, o.colour) for o in clean_scene.wanted]
-    if dimension != "alignment":
-        bad_scene.drawn = [SceneObject(o.shape, o.colour) for o in clean_scene.drawn]
-    else:
-        bad_scene.drawn = _apply_mismatches(np.random.default_rng(seed + 1), clean_scene.wanted, int(drop))
-    bad_scene.seed = clean_scene.seed
-    clean = SyntheticSample(render(clean_scene, size), clean_scene.prompt(), clean_scene.scores(), clean_scene)
-    bad = SyntheticSample(render(bad_scene, size), bad_scene.prompt(), bad_scene.scores(), bad_scene)
-    return clean, bad
+    clean = random_scene(rng, {d: MAX_SCORE for d in DIMENSIONS})
+    for _ in range(100):
+        bad = degrade(rng, clean, dimension, drop)
+        if bad is not None:
+            return _sample(clean, size), _sample(bad, size)
+        clean = random_scene(rng, {d: MAX_SCORE for d in DIMENSIONS})
+    raise RuntimeError(f"could not degrade {dimension} by {drop}")
+
+
+# ---------------------------------------------------------------- the benchmark
+def _pair_scenes(rng: np.random.Generator, dim: str, gap: float, other: str | None = None,
+                 other_gap: float = 0.0) -> tuple[Scene, Scene]:
+    """(better on ``dim`` by ``gap``, worse) sharing one prompt; with ``other``, the first is also
+    worse on ``other`` by ``other_gap``. The base scores are random, so neither image is clean."""
+    for _ in range(1000):
+        target = {d: float(rng.integers(0, 9)) / 2.0 for d in DIMENSIONS}
+        target[dim] = float(rng.integers(int(gap * 2), 9)) / 2.0
+        if other is not None:
+            target[other] = float(rng.integers(int(other_gap * 2), 9)) / 2.0
+        base = random_scene(rng, target)
+        worse = degrade(rng, base, dim, gap)
+        if worse is None:
+            continue
+        if other is None:
+            return base, worse
+        better = degrade(rng, base, other, other_gap)
+        if better is not None:
+            return better, worse
+    raise RuntimeError(f"could not draw a pair on {dim} with gap {gap}")
+
+
+def _check_gaps(gaps: Sequence[float]) -> tuple[float, ...]:
+    gaps = tuple(float(g) for g in gaps)
+    if not gaps or any(g <= 0 or g > MAX_SCORE or g * 2 != int(g * 2) for g in gaps):
+        raise ValueError(f"gaps must be positive multiples of 0.5 up to {MAX_SCORE}, got {gaps}")
+    return gaps
+
+
+def benchmark_pairs(
+    seed: int, n: int, gaps: Sequence[float] = GAPS, dimensions: Sequence[str] = DIMENSIONS, size: int = 128,
+) -> list[BenchmarkPair]:
+    """``n`` pairs of one prompt that differ by a known gap on one dimension, the other three equal;
+    spread evenly over the dimensions, then the gaps. Which image is better is random."""
+    dims, gaps = resolve_dimensions(dimensions), _check_gaps(gaps)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([_BENCHMARK, seed, i])
+        dim, gap = dims[i % len(dims)], gaps[(i // len(dims)) % len(gaps)]
+        a, b = _pair_scenes(rng, dim, gap)
+        if rng.random() < 0.5:
+            a, b = b, a
+        out.append(BenchmarkPair((render(a, size), render(b, size)), a.prompt(), dim, gap,
+                                 (a.scores(), b.scores()), scenes=(a, b)))
+    return out
+
+
+def conflict_pairs(seed: int, n: int, gaps: Sequence[float] = GAPS, size: int = 128) -> list[BenchmarkPair]:
+    """``n`` pairs where the first image is better on one dimension and worse on another, by known
+    gaps (a scalar reward must get one of the two wrong). Spread over the 12 ordered pairs of
+    dimensions."""
+    gaps = _check_gaps(gaps)
+    combos = [(x, y) for x in DIMENSIONS for y in DIMENSIONS if x != y]
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([_CONFLICT, seed, i])
+        dim, other = combos[i % len(combos)]
+        gap, other_gap = (float(rng.choice(gaps)) for _ in range(2))
+        a, b = _pair_scenes(rng, dim, gap, other, other_gap)
+        out.append(BenchmarkPair((render(a, size), render(b, size)), a.prompt(), dim, gap,
+                                 (a.scores(), b.scores()), other, other_gap, scenes=(a, b)))
+    return out
