@@ -78,6 +78,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    report = reproduce(args.out, quick=args.quick, seed=args.seed)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"report: {Path(args.out) / 'report.json'} ({report['total_seconds']:.0f} s)")
+    return 0
+
+
 def cmd_tiny(args: argparse.Namespace) -> int:
     from .modeling import ZRewardModel
     from .testing import tiny_model
@@ -224,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher", action="store_true", help="the model is a reasoning teacher: reason, then score")
     ev.add_argument("--json", default=None, help="also write the full report to this JSON file")
     ev.set_defaults(func=cmd_eval)
+
+    rp = sub.add_parser("reproduce", help="run the whole method in miniature (cold start, GDSO, labelling, "
+                                          "RISD, scalar baseline, int8 export, benchmark, generator)")
+    rp.add_argument("--out", required=True, help="directory for the models, bundle, report and plots")
+    rp.add_argument("--quick", action="store_true", help="the same steps, smaller (about 5 minutes on 2 cores)")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.set_defaults(func=cmd_reproduce)
 
     t = sub.add_parser("tiny", help="write a tiny random model (for tests and the demo; no download)")
     t.add_argument("--out", required=True)

@@ -98,12 +98,19 @@ class ZRewardModel(nn.Module):
     # ------------------------------------------------------------------ user-facing
     def reward(self, pixels: torch.Tensor, prompts: Sequence[str] | str, dimensions: Sequence[str] | None = None) -> torch.Tensor:
         """[B, D] expected scores; differentiable w.r.t. ``pixels`` ([B, 3, H, W] in [0, 1])."""
+        return self.reward_stats(pixels, prompts, dimensions)[0]
+
+    def reward_stats(
+        self, pixels: torch.Tensor, prompts: Sequence[str] | str, dimensions: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, D] means and [B, D] stds of each dimension's distribution; differentiable w.r.t. pixels."""
         if not isinstance(pixels, torch.Tensor):
             raise TypeError(f"pixels must be a torch.Tensor [B, 3, H, W], got {type(pixels).__name__}")
         dims = resolve_dimensions(dimensions, self.dimensions)
         batch = self.processor(pixels, prompts, dims)
         out = self._head_at_queries(batch)
-        return out.mean.view(len(batch.query_positions), len(dims))
+        shape = (len(batch.query_positions), len(dims))
+        return out.mean.view(shape), out.var.clamp_min(0).sqrt().view(shape)
 
     @torch.no_grad()
     def score(

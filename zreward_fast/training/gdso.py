@@ -46,6 +46,7 @@ class GDSOConfig:
     rollout_temperature: float = 1.0
     alpha_pt: float = 1.0
     alpha_pw: float = 1.0
+    grpo_weight: float = 1.0  # 0 drops the GRPO term over the reasoning (an ablation)
     lambda_pt: float = 0.5
     lambda_pw: float = 0.5
     eps: float = 1e-4
@@ -157,6 +158,10 @@ class GDSOTrainer(TrainerBase):
         g = gdso_loss(logits.view(P, 2, G, -1), targets, rm.levels, c.alpha_pt, c.alpha_pw, c.lambda_pt,
                       c.lambda_pw, c.eps)
         h_r, tokens, mask = reasoning_slices(hidden, batch)
+        logs = {"loss_pt": float(g.loss_pt.detach()), "loss_pw": float(g.loss_pw.detach()),
+                "reward": float(g.rewards.mean()), "reasoning_tokens": float(mask.sum())}
+        if c.grpo_weight == 0:
+            return g.loss, logs
         ref_lp = None
         if self.ref_model is not None and c.beta > 0:
             with torch.no_grad():
@@ -167,11 +172,8 @@ class GDSOTrainer(TrainerBase):
                 _, ref_lp = grpo_token_loss(ref_h, ref_head, tokens, mask, adv0, beta=0.0)
         l_grpo, _ = grpo_token_loss(h_r, head.weight, tokens, mask, g.advantages.reshape(-1),
                                     ref_logprobs=ref_lp, clip_eps=c.clip_eps, beta=c.beta)
-        loss = l_grpo + g.loss
-        logs = {"loss_grpo": float(l_grpo.detach()), "loss_pt": float(g.loss_pt.detach()),
-                "loss_pw": float(g.loss_pw.detach()), "reward": float(g.rewards.mean()),
-                "reasoning_tokens": float(mask.sum())}
-        return loss, logs
+        logs["loss_grpo"] = float(l_grpo.detach())
+        return c.grpo_weight * l_grpo + g.loss, logs
 
     def after_step(self) -> None:
         c, step = self.config, self.state.step

@@ -50,7 +50,7 @@ MAX_COMPOSITION, MAX_CONTRAST = 4, 6
 
 # Seed streams: a benchmark pair i of seed s comes from default_rng([_BENCHMARK, s, i]); training
 # samples from default_rng(int). An int seed's entropy never equals a 3-word list led by a tag.
-_BENCHMARK, _CONFLICT = 0x5EED_BE7C, 0x5EED_C0F1
+_BENCHMARK, _CONFLICT, _TRAIN_PAIRS = 0x5EED_BE7C, 0x5EED_C0F1, 0x5EED_7A15
 
 
 @dataclass
@@ -502,6 +502,20 @@ def benchmark_pairs(
         a, b = _pair_scenes(rng, dim, gap)
         if rng.random() < 0.5:
             a, b = b, a
+        out.append(BenchmarkPair((render(a, size), render(b, size)), a.prompt(), dim, gap,
+                                 (a.scores(), b.scores()), scenes=(a, b)))
+    return out
+
+
+def training_pairs(seed: int, n: int, gaps: Sequence[float] = GAPS, size: int = 128) -> list[BenchmarkPair]:
+    """Pairs drawn like :func:`benchmark_pairs` (random bases, every gap) from a stream of their
+    own: training data for pairwise methods (GDSO, Bradley-Terry) that no benchmark seed repeats."""
+    gaps = _check_gaps(gaps)
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([_TRAIN_PAIRS, seed, i])
+        dim, gap = DIMENSIONS[i % len(DIMENSIONS)], gaps[(i // len(DIMENSIONS)) % len(gaps)]
+        a, b = _pair_scenes(rng, dim, gap)
         out.append(BenchmarkPair((render(a, size), render(b, size)), a.prompt(), dim, gap,
                                  (a.scores(), b.scores()), scenes=(a, b)))
     return out

@@ -1,0 +1,286 @@
+"""``zreward-fast reproduce``: the Z-Reward method run as a whole, in miniature, on this CPU.
+
+1. teacher cold start (reason-then-score SFT on reasoning texts written from the scene facts);
+2. GDSO on synthetic pairs (G rollouts per side from the teacher's own sampling), with the
+   benchmark HPA on a validation seed logged as it trains (and, in full mode, three ablations:
+   without L_pw, without L_pt, without the GRPO term);
+3. labelling: the trained teacher writes RISD targets for a fresh image set;
+4. RISD: a one-pass multi-query student distilled from those labels, and, as an upper bound, the
+   same student distilled from targets peaked at the known scores;
+5. the scalar Bradley-Terry reward model on the same pairs (the baseline the paper argues against);
+6. export of the student to an int8 bundle with its parity report;
+7. every model on the benchmark with a held-out seed (``zreward_fast.evaluation``);
+8. the student's reward as a differentiable supervisor of a tiny scene generator
+   (``zreward_fast.training.generator``), with the known scores to catch reward hacking.
+
+Writes ``teacher-cold/``, ``teacher/``, ``student/``, ``student-gt/``, ``scalar/``, ``bundle/``,
+``report.json``, ``table.md``, ``hpa_by_gap.png`` and ``reproduce.log`` under the output directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("zreward_fast.reproduce")
+
+
+@dataclass
+class ReproduceConfig:
+    """Sizes of each stage; :meth:`quick` fits 5 minutes on 2 CPU cores, :meth:`full` 45."""
+
+    seed: int = 0
+    image_size: int = 128
+    cold_images: int = 600  # x 4 dimensions = cold-start examples
+    cold_steps: int = 900
+    train_pairs: int = 400
+    gdso_steps: int = 150
+    gdso_pairs_per_step: int = 4
+    num_rollouts: int = 4
+    max_new_tokens: int = 72
+    gdso_lr: float = 2e-4
+    beta: float = 0.0
+    val_pairs: int = 32
+    val_every: int = 50
+    ablations: bool = True
+    label_images: int = 400
+    risd_steps: int = 600
+    risd_batch: int = 16
+    scalar_steps: int = 300
+    export_pairs: int = 100
+    eval_pairs: int = 128
+    eval_conflicts: int = 48
+    generator_steps: int = 150
+    generator_prompts: int = 8
+
+    @classmethod
+    def full(cls, seed: int = 0) -> "ReproduceConfig":
+        return cls(seed=seed)
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "ReproduceConfig":
+        return cls(seed=seed, cold_images=150, cold_steps=200, train_pairs=96, gdso_steps=24,
+                   gdso_pairs_per_step=2, val_pairs=0, ablations=False, label_images=64, risd_steps=120,
+                   risd_batch=8, scalar_steps=60, export_pairs=24, eval_pairs=48, eval_conflicts=16,
+                   generator_steps=40, generator_prompts=4)
+
+
+def _save_images(directory: Path, images: list, stem: str) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        p = directory / f"{stem}{i:05d}.png"
+        img.save(p)
+        paths.append(str(p))
+    return paths
+
+
+def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
+    """Cold-start reasonings, training pairs and labelling images, all from training seed streams."""
+    from .training.coldstart import ReasoningRecord
+    from .training.data import PairRecord, ScoredRecord
+    from .training.synthetic import DIMENSIONS, samples, training_pairs
+
+    cold = list(samples(cfg.cold_images, seed=cfg.seed * 7 + 1, size=cfg.image_size))
+    cold_paths = _save_images(out / "cold", [s.image for s in cold], "c")
+    cold_records = [ReasoningRecord(p, s.prompt, d, s.scene.reasoning(d), s.scores[d])
+                    for p, s in zip(cold_paths, cold) for d in DIMENSIONS]
+    pairs = training_pairs(cfg.seed, cfg.train_pairs, size=cfg.image_size)
+    pair_records = []
+    for i, p in enumerate(pairs):
+        a, b = _save_images(out / "pairs", list(p.images), f"p{i:05d}_")
+        pair_records.append(PairRecord(p.prompt, p.dimension, (a, b), (p.scores[0][p.dimension], p.scores[1][p.dimension])))
+    fresh = list(samples(cfg.label_images, seed=cfg.seed * 7 + 2, size=cfg.image_size))
+    fresh_paths = _save_images(out / "label", [s.image for s in fresh], "l")
+    label_records = [ScoredRecord(p, s.prompt, s.scores) for p, s in zip(fresh_paths, fresh)]
+    return {"cold": cold_records, "pairs": pair_records, "label": label_records}
+
+
+def _teacher_eval(rm: Any, cfg: ReproduceConfig, seed: int, pairs: int, conflicts: int) -> dict:
+    from .evaluation import evaluate
+
+    return evaluate(rm, seed=seed, pairs=pairs, conflicts=conflicts, teacher=True, size=cfg.image_size,
+                    max_new_tokens=cfg.max_new_tokens)
+
+
+def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path | None, **overrides: Any) -> tuple[Any, list]:
+    """GDSO from the cold-start teacher; returns the teacher and its validation HPA history."""
+    from .modeling import ZRewardModel
+    from .training.gdso import GDSOConfig, GDSOTrainer
+
+    rm = ZRewardModel.from_pretrained(cold_dir)
+    gc = GDSOConfig(num_rollouts=cfg.num_rollouts, pairs_per_step=cfg.gdso_pairs_per_step,
+                    max_new_tokens=cfg.max_new_tokens, learning_rate=cfg.gdso_lr, beta=cfg.beta,
+                    max_steps=cfg.gdso_steps, train_vision=True, seed=cfg.seed, **overrides)
+    trainer = GDSOTrainer(rm, gc, train_records=pairs)
+    history = []
+    step = 0
+    while step < cfg.gdso_steps:
+        if cfg.val_pairs and cfg.val_every:
+            r = _teacher_eval(trainer.reward_model, cfg, cfg.seed + 1, cfg.val_pairs, 0)
+            history.append({"step": step, "val_hpa": r["hpa"]})
+            logger.info("GDSO%s step %d: validation HPA %.3f", overrides or "", step, r["hpa"])
+        step = min(cfg.gdso_steps, step + (cfg.val_every or cfg.gdso_steps))
+        trainer.train(max_steps=step)
+    losses = [h for h in trainer.state.history if "loss" in h]
+    if losses:
+        tail = losses[-min(10, len(losses)):]
+        logger.info("GDSO%s done: reward %.3f -> %.3f (mean of first/last 10 steps)", overrides or "",
+                    sum(h["reward"] for h in losses[:10]) / len(losses[:10]), sum(h["reward"] for h in tail) / len(tail))
+    if out_dir is not None:
+        trainer.save_pretrained(out_dir)
+    return trainer.reward_model, history
+
+
+def _risd(cfg: ReproduceConfig, records: list, out_dir: Path) -> Any:
+    from .modeling import ZRewardModel
+    from .testing import demo_model
+    from .training.risd import RISDConfig, RISDTrainer
+
+    rm = ZRewardModel(*demo_model(seed=cfg.seed + 1, image_size=cfg.image_size))
+    rc = RISDConfig(batch_size=cfg.risd_batch, learning_rate=5e-4, max_steps=cfg.risd_steps, train_vision=True,
+                    seed=cfg.seed)
+    trainer = RISDTrainer(rm, rc, train_records=records)
+    trainer.train()
+    trainer.save_pretrained(out_dir)
+    return ZRewardModel.from_pretrained(out_dir).eval()
+
+
+def _plot(rows: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in rows.items():
+        gaps = sorted(r["gaps"], key=float)
+        ax.plot([float(g) for g in gaps], [r["gaps"][g] for g in gaps], marker="o", label=name)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("known score gap of the pair")
+    ax.set_ylabel("HPA (held-out benchmark)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title("HPA against the gap, every model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: ReproduceConfig | None = None) -> dict:
+    """Run the whole method (module docstring) and return the report written to ``report.json``."""
+    import torch
+
+    from .evaluation import evaluate, format_table
+    from .export.api import export_bundle
+    from .modeling import ZRewardModel
+    from .testing import demo_model
+    from .training.coldstart import ColdStartConfig, ColdStartTrainer
+    from .training.data import RISDRecord, read_manifest, soft_targets
+    from .training.labelling import label_risd_targets
+    from .training.scalar import ScalarConfig, ScalarRewardModel, ScalarTrainer
+    from .training.teacher import default_engine
+
+    cfg = config or (ReproduceConfig.quick(seed) if quick else ReproduceConfig.full(seed))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "reproduce.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root = logging.getLogger("zreward_fast")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    t0, times = time.perf_counter(), {}
+
+    def lap(name: str) -> None:
+        times[name] = round(time.perf_counter() - t0 - sum(times.values()), 1)
+        logger.info("%s done in %.1f s", name, times[name])
+
+    try:
+        torch.manual_seed(cfg.seed)
+        logger.info("reproduce %s: %s", "quick" if quick else "full", dataclasses.asdict(cfg))
+        data = _data(cfg, out / "data")
+        lap("data")
+
+        teacher = ZRewardModel(*demo_model(seed=cfg.seed, image_size=cfg.image_size))
+        cold = ColdStartTrainer(teacher, ColdStartConfig(max_steps=cfg.cold_steps, learning_rate=1e-3, seed=cfg.seed),
+                                data["cold"])
+        cold.train()
+        cold.save_pretrained(out / "teacher-cold")
+        lap("teacher cold start")
+
+        rm_teacher, gdso_history = _gdso(out / "teacher-cold", cfg, data["pairs"], out / "teacher")
+        lap("GDSO")
+        ablations = {}
+        if cfg.ablations:
+            for name, kw in (("without L_pw", {"alpha_pw": 0.0}), ("without L_pt", {"alpha_pt": 0.0}),
+                             ("without GRPO", {"grpo_weight": 0.0})):
+                ablations[name] = _gdso(out / "teacher-cold", dataclasses.replace(cfg, val_pairs=0), data["pairs"], None, **kw)[0]
+            lap("GDSO ablations")
+
+        engine = default_engine(rm_teacher, cfg.max_new_tokens, do_sample=False)
+        label_risd_targets(rm_teacher.eval(), data["label"], out / "data" / "risd_teacher.jsonl", engine=engine)
+        lap("labelling")
+        student = _risd(cfg, read_manifest(out / "data" / "risd_teacher.jsonl", "risd"), out / "student")
+        gt = [RISDRecord(r.image, r.prompt, {d: soft_targets(v, student.scale) for d, v in r.scores.items()})
+              for r in data["label"]]
+        student_gt = _risd(cfg, gt, out / "student-gt")
+        lap("RISD")
+
+        scalar = ScalarRewardModel(ZRewardModel(*demo_model(seed=cfg.seed + 1, image_size=cfg.image_size)))
+        ScalarTrainer(scalar, ScalarConfig(max_steps=cfg.scalar_steps, seed=cfg.seed), data["pairs"]).train()
+        scalar.save_pretrained(out / "scalar")
+        lap("scalar reward model")
+
+        if (out / "bundle").exists():
+            shutil.rmtree(out / "bundle")
+        exported = export_bundle(out / "student", out / "bundle", quantize="int8", num_pairs=cfg.export_pairs,
+                                 force=True, progress=False)
+        lap("export")
+
+        ev = dict(seed=cfg.seed + 10_000, pairs=cfg.eval_pairs, conflicts=cfg.eval_conflicts, size=cfg.image_size)
+        rows: dict[str, dict] = {}
+        cold_rm = ZRewardModel.from_pretrained(out / "teacher-cold")
+        rows["teacher, cold start only"] = evaluate(cold_rm, teacher=True, max_new_tokens=cfg.max_new_tokens, **ev)
+        rows["teacher, GDSO"] = evaluate(rm_teacher, teacher=True, max_new_tokens=cfg.max_new_tokens, **ev)
+        for name, m in ablations.items():
+            rows[f"teacher, GDSO {name}"] = evaluate(m, teacher=True, max_new_tokens=cfg.max_new_tokens, **ev)
+        rows["scalar reward model (BT)"] = evaluate(scalar, **ev)
+        rows["student, RISD from the GDSO teacher"] = evaluate(student, **ev)
+        rows["student, RISD from ground truth"] = evaluate(student_gt, **ev)
+        rows["student int8 bundle"] = evaluate(out / "bundle", **ev)
+        lap("evaluation")
+
+        generator = _generator(student, cfg, out)
+        lap("generator")
+
+        table = format_table(rows)
+        report = {
+            "mode": "quick" if quick else "full", "config": dataclasses.asdict(cfg), "rows": rows,
+            "gdso_validation": gdso_history, "parity": exported.parity.get("overall", {}),
+            "parity_failures": exported.failures, "generator": generator, "seconds": times,
+            "total_seconds": round(time.perf_counter() - t0, 1), "eval_seed": ev["seed"],
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        (out / "table.md").write_text(table + "\n")
+        _plot(rows, out / "hpa_by_gap.png")
+        logger.info("table:\n%s", table)
+        return report
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _generator(student: Any, cfg: ReproduceConfig, out: Path) -> dict:
+    """Train the scene generator against the student's reward (mean and risk-averse) and against
+    the known scores."""
+    from .training import generator as gen
+
+    histories = gen.compare_aggregations(gen.model_reward(student), steps=cfg.generator_steps,
+                                         n_prompts=cfg.generator_prompts, seed=cfg.seed)
+    gen.plot_generator_history(histories, str(out / "generator.png"))
+    return {name: {k: v for k, v in h.items() if k != "generator"} for name, h in histories.items()}

@@ -1,0 +1,123 @@
+"""Teacher cold start: supervised fine-tuning in the reason-then-score format before GDSO.
+
+Each record is an image, its prompt, one dimension, a reasoning text and the annotated score. The
+loss is the next-token cross-entropy of the reasoning (and of the end-of-turn token after it, so
+sampled reasonings stop) plus the KL from a distribution peaked at the score (``soft_targets``) to
+the teacher's distribution at the query token after the reasoning (``risd_loss``, K rows only).
+GDSO then starts from a teacher that already writes reasonings and reads scores from them.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import risd_loss
+from ..modeling import ZRewardModel
+from ..prompting import IM_END, teacher_scoring_suffix
+from .common import BatchSchedule, TrainerBase, load_config
+from .data import soft_targets
+from .gdso import GDSOPolicy
+from .teacher import prompt_inputs, scoring_batch
+
+
+@dataclass
+class ReasoningRecord:
+    """One cold-start example: the teacher should write ``reasoning``, then score ``score``."""
+
+    image: Any
+    prompt: str
+    dimension: str
+    reasoning: str
+    score: float
+
+    def to_json(self) -> dict:
+        return {"image": self.image, "prompt": self.prompt, "dimension": self.dimension,
+                "reasoning": self.reasoning, "score": self.score}
+
+
+@dataclass
+class ColdStartConfig:
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_steps: int = 200
+    grad_clip: float = 1.0
+    score_weight: float = 1.0  # weight of the score KL beside the reasoning cross-entropy
+    target_sharpness: float = 4.0  # soft_targets sharpness of the score distribution
+    train_vision: bool = True
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "ColdStartConfig":
+        return load_config(cls, path, **overrides)
+
+
+class ColdStartTrainer(TrainerBase):
+    """Supervised reason-then-score training of a :class:`ZRewardModel` teacher."""
+
+    name = "cold start"
+
+    def __init__(self, model: ZRewardModel, config: ColdStartConfig, records: Sequence[ReasoningRecord],
+                 accelerator: Any | None = None) -> None:
+        self.config = config
+        self.max_steps, self.grad_clip = config.max_steps, config.grad_clip
+        self._setup_accelerator(accelerator, config.mixed_precision, config.seed)
+        self.train_records = list(records)
+        for i, r in enumerate(self.train_records):
+            if r.dimension not in model.dimensions:
+                raise ValueError(f"record {i}: dimension {r.dimension!r} is not one of the model's {model.dimensions}")
+        policy = GDSOPolicy(model, config.train_vision)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.module, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        acc = self.accelerator
+        self.schedule = BatchSchedule(len(self.train_records), config.batch_size, config.seed,
+                                      acc.process_index, acc.num_processes)
+
+    @property
+    def reward_model(self) -> ZRewardModel:
+        return self.accelerator.unwrap_model(self.module).reward_model
+
+    def check_records(self, records: list) -> str | None:
+        return None if all(math.isfinite(r.score) for r in records) else "scores contain NaN or inf"
+
+    def compute_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
+        rm = self.reward_model
+        p = rm.processor
+        inputs, pixels = prompt_inputs(rm, [r.image for r in records], [r.prompt for r in records],
+                                       [r.dimension for r in records])
+        seqs, starts, lens = [], [], []
+        for i, r in enumerate(records):
+            prompt_ids = inputs["input_ids"][i, : int(inputs["attention_mask"][i].sum())].tolist()
+            reasoning = p.tokenize([r.reasoning])[0]
+            seqs.append(prompt_ids + reasoning + p.tokenize([teacher_scoring_suffix("", r.dimension)])[0])
+            starts.append(len(prompt_ids))
+            lens.append(len(reasoning))
+        batch = scoring_batch(rm, seqs, pixels, starts, lens)
+        hidden = self.module(batch)  # [B, L, H]
+        device = hidden.device
+        # position t predicts token t+1: the reasoning tokens, then the end of turn after them
+        o_t = torch.arange(max(lens) + 1)
+        start = batch.reasoning_start[:, None]
+        mask = o_t[None, :] <= batch.reasoning_len[:, None]
+        pos = torch.where(mask, start - 1 + o_t[None, :], start - 1)
+        targets = batch.inputs["input_ids"].gather(1, (pos + 1).clamp_max(batch.inputs["input_ids"].shape[1] - 1))
+        end = o_t[None, :] == batch.reasoning_len[:, None]
+        targets = torch.where(end, p.tokenizer.convert_tokens_to_ids(IM_END), targets)
+        h = hidden.gather(1, pos.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = rm.lm_head(h).float()
+        ce = F.cross_entropy(logits[mask.to(device)], targets.to(device)[mask.to(device)])
+        rows = hidden[torch.arange(hidden.shape[0], device=device), batch.query_positions.to(device)]
+        soft = torch.tensor([soft_targets(r.score, rm.scale, self.config.target_sharpness) for r in records])
+        head = rm.lm_head
+        kl = risd_loss(rows, head.weight, rm.score_token_ids, soft.to(device), bias=getattr(head, "bias", None))
+        return ce + self.config.score_weight * kl, {"loss_reasoning": float(ce.detach()), "loss_score": float(kl.detach())}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.reward_model.save_pretrained(directory)
