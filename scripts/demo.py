@@ -6,8 +6,8 @@
    synthetic ground truth (`soft_targets`: peaked at the known score);
 3. export to an int8 ONNX bundle, with its parity report against the PyTorch student;
 4. `zreward-fast serve` on loopback; held-out clean and degraded images scored over HTTP;
-5. a table: per dimension, mean score of clean against degraded images, HPA on the held-out
-   pairs, and request latency.
+5. the benchmark table (docs/evaluation.md) of the served student on held-out pairs with known
+   gaps and conflict pairs, scored through the server, and the request latency.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 TRAIN_SAMPLES = int(os.environ.get("DEMO_TRAIN_SAMPLES", 800))
 TRAIN_STEPS = int(os.environ.get("DEMO_TRAIN_STEPS", 600))
-PAIRS_PER_DIM = int(os.environ.get("DEMO_PAIRS_PER_DIM", 25))
+BENCH_PAIRS = int(os.environ.get("DEMO_BENCH_PAIRS", 128))
+BENCH_SEED = 2026
 SIZE = 128
 
 
@@ -59,6 +60,24 @@ def png_b64(img) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+class HTTPScorer:
+    """The served bundle behind ``score(images, prompts, dimensions)``, for ``evaluate``."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.latencies = url, []
+
+    def score(self, images, prompts, dimensions):
+        from zreward_fast.scale import ScoreResult
+
+        items = [{"prompt": p, "image": png_b64(img)} for img, p in zip(images, prompts)]
+        status, body, secs = post(self.url, {"items": items, "dimensions": list(dimensions)})
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {body}")
+        self.latencies.append(secs)
+        return [{d: ScoreResult(v["mean"], v["std"], tuple(v["probs"])) for d, v in r["scores"].items()}
+                for r in body["results"]]
+
+
 def main() -> int:
     import torch
 
@@ -67,7 +86,7 @@ def main() -> int:
     from zreward_fast.testing import demo_model
     from zreward_fast.training.data import read_manifest, write_synthetic_dataset
     from zreward_fast.training.risd import RISDConfig, RISDTrainer
-    from zreward_fast.training.synthetic import DIMENSIONS, degraded_pair
+    from zreward_fast.evaluation import evaluate, format_dimensions, format_table
 
     torch.manual_seed(0)
     t0 = time.time()
@@ -111,23 +130,11 @@ def main() -> int:
                 if server.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"server did not become ready: {server.stderr.read() if server.stderr else ''}")
                 time.sleep(0.3)
-            log(f"server ready; scoring {PAIRS_PER_DIM} held-out clean/degraded pairs per dimension over HTTP")
-            rows, latencies = {}, []
-            for k, dim in enumerate(DIMENSIONS):
-                clean_scores, bad_scores, hits = [], [], 0
-                for i in range(PAIRS_PER_DIM):
-                    clean, bad = degraded_pair(700_000 + 1000 * k + i, dim, SIZE, drop=2.0)
-                    status, body, secs = post(base + "/v1/score", {"items": [
-                        {"prompt": clean.prompt, "image": png_b64(clean.image)},
-                        {"prompt": bad.prompt, "image": png_b64(bad.image)}]})
-                    if status != 200:
-                        raise RuntimeError(f"HTTP {status}: {body}")
-                    latencies.append(secs)
-                    c, b = (r["scores"][dim]["mean"] for r in body["results"])
-                    clean_scores.append(c)
-                    bad_scores.append(b)
-                    hits += c > b
-                rows[dim] = (statistics.mean(clean_scores), statistics.mean(bad_scores), hits / PAIRS_PER_DIM)
+            log(f"server ready; scoring {BENCH_PAIRS} held-out benchmark pairs (known gaps 0.5-2 points on one "
+                f"dimension) and {BENCH_PAIRS // 4} conflict pairs over HTTP")
+            http = HTTPScorer(base + "/v1/score")
+            report = evaluate(http, seed=BENCH_SEED, pairs=BENCH_PAIRS, size=SIZE, progress=True)
+            latencies = http.latencies
             with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
                 metrics = r.read().decode()
         finally:
@@ -136,12 +143,13 @@ def main() -> int:
 
     print()
     print("zreward-fast demo: tiny RISD student (targets derived from synthetic ground truth), int8 ONNX bundle, HTTP")
-    print(f"{'dimension':<13} {'clean':>6} {'degraded':>9} {'HPA':>6}   (degraded by 2.0 points on that dimension only)")
-    for dim, (c, b, h) in rows.items():
-        print(f"{dim:<13} {c:6.2f} {b:9.2f} {h:6.2f}")
+    print(f"held-out synthetic benchmark (seed {BENCH_SEED}, docs/evaluation.md), scored through the server:")
+    print(format_table({"student int8 bundle over HTTP": report}))
+    print()
+    print(format_dimensions(report))
     lat = sorted(latencies)
     p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-    print(f"HTTP latency per request (2 images): p50 {1e3 * statistics.median(lat):.1f} ms, p99 {1e3 * p99:.1f} ms "
+    print(f"HTTP latency per request (up to 16 images): p50 {1e3 * statistics.median(lat):.1f} ms, p99 {1e3 * p99:.1f} ms "
           f"over {len(lat)} requests")
     print(f"int8 bundle parity vs PyTorch: mean |dmu| {parity['mean_abs_dmu']:.4f}, "
           f"pairwise agreement {parity['pair_agreement']:.3f}")

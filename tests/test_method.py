@@ -83,3 +83,20 @@ def test_gdso_without_the_grpo_term_trains_only_the_score_losses(monkeypatch):
     full = GDSOTrainer(ZRewardModel(*tiny_model(0)), GDSOConfig(num_rollouts=2, pairs_per_step=1, max_new_tokens=3,
                                                                beta=0.0, max_steps=1), train_records=_pairs(2))
     assert "loss_grpo" in full.compute_loss(full.train_records[:1])[1]
+
+
+def test_reasoning_slices_train_the_end_of_turn_of_a_finished_reasoning():
+    from zreward_fast.training.teacher import TeacherBatch, reasoning_slices
+
+    ids = torch.tensor([[1, 2, 3, 10, 11, 5, 6], [1, 2, 3, 12, 5, 6, 0]])
+    batch = TeacherBatch({"input_ids": ids}, torch.tensor([6, 5]), torch.tensor([3, 3]), torch.tensor([2, 1]),
+                         stopped=torch.tensor([True, False]), stop_token_id=99)
+    hidden = torch.arange(7.0)[None, :, None].expand(2, 7, 4)  # each position holds its index
+    h, tokens, mask = reasoning_slices(hidden, batch)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert tokens[0].tolist() == [10, 11, 99] and tokens[1, 0] == 12
+    assert h[0, :, 0].tolist() == [2.0, 3.0, 4.0]  # position t-1 predicts token t; the last reasoning token predicts the stop
+    assert h[1, 0, 0] == 2.0
+    batch.stopped = None  # engines that cannot tell: no stop token is trained
+    _, tokens, mask = reasoning_slices(hidden, batch)
+    assert mask.tolist() == [[1, 1], [1, 0]] and tokens[0].tolist() == [10, 11]

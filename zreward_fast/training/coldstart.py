@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from ..kernels import risd_loss
 from ..modeling import ZRewardModel
-from ..prompting import IM_END, teacher_scoring_suffix
+from ..prompting import teacher_scoring_suffix
 from .common import BatchSchedule, TrainerBase, load_config
 from .data import soft_targets
 from .gdso import GDSOPolicy
-from .teacher import prompt_inputs, scoring_batch
+from .teacher import prompt_inputs, reasoning_slices, scoring_batch
 
 
 @dataclass
@@ -99,20 +99,12 @@ class ColdStartTrainer(TrainerBase):
             seqs.append(prompt_ids + reasoning + p.tokenize([teacher_scoring_suffix("", r.dimension)])[0])
             starts.append(len(prompt_ids))
             lens.append(len(reasoning))
-        batch = scoring_batch(rm, seqs, pixels, starts, lens)
+        batch = scoring_batch(rm, seqs, pixels, starts, lens, stopped=[True] * len(records))
         hidden = self.module(batch)  # [B, L, H]
         device = hidden.device
-        # position t predicts token t+1: the reasoning tokens, then the end of turn after them
-        o_t = torch.arange(max(lens) + 1)
-        start = batch.reasoning_start[:, None]
-        mask = o_t[None, :] <= batch.reasoning_len[:, None]
-        pos = torch.where(mask, start - 1 + o_t[None, :], start - 1)
-        targets = batch.inputs["input_ids"].gather(1, (pos + 1).clamp_max(batch.inputs["input_ids"].shape[1] - 1))
-        end = o_t[None, :] == batch.reasoning_len[:, None]
-        targets = torch.where(end, p.tokenizer.convert_tokens_to_ids(IM_END), targets)
-        h = hidden.gather(1, pos.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = rm.lm_head(h).float()
-        ce = F.cross_entropy(logits[mask.to(device)], targets.to(device)[mask.to(device)])
+        h, tokens, mask = reasoning_slices(hidden, batch)  # the reasoning, then the end of turn
+        logits = rm.lm_head(h).float()  # [B, T, V]: full rows, fine at the tiny vocabularies cold start runs on
+        ce = F.cross_entropy(logits[mask.bool()], tokens[mask.bool()])
         rows = hidden[torch.arange(hidden.shape[0], device=device), batch.query_positions.to(device)]
         soft = torch.tensor([soft_targets(r.score, rm.scale, self.config.target_sharpness) for r in records])
         head = rm.lm_head

@@ -23,6 +23,12 @@ class TeacherBatch:
     query_positions: torch.Tensor  # [B]: the last token, the dimension's query token
     reasoning_start: torch.Tensor  # [B]: first reasoning token
     reasoning_len: torch.Tensor  # [B]
+    # [B] bool: the reasoning ended with the end-of-turn token (not cut at max_new_tokens). The
+    # sequence continues with the scoring suffix instead, but the position after the reasoning
+    # only sees its prefix, so log p(end of turn) is still read there: stopping is an action
+    # the policy gradient (and the cold start) must train like any other token.
+    stopped: torch.Tensor | None = None
+    stop_token_id: int | None = None
 
 
 def default_engine(rm: ZRewardModel, max_new_tokens: int = 64, temperature: float = 1.0, do_sample: bool = True) -> HFRolloutEngine:
@@ -60,7 +66,8 @@ def rollouts(
     inputs_dev = {k: v.to(rm.device) for k, v in inputs.items()}
     inputs_dev["pixel_values"] = inputs_dev["pixel_values"].to(rm.model.dtype)
     samples = engine.generate(rm.model, inputs_dev, num_rollouts)
-    seqs, starts, lens, pix = [], [], [], []
+    max_new = getattr(engine, "max_new_tokens", None)
+    seqs, starts, lens, pix, stopped = [], [], [], [], []
     for r, row in enumerate(samples):
         n = int(inputs["attention_mask"][r].sum())
         prompt_ids = inputs["input_ids"][r, :n].tolist()
@@ -70,17 +77,22 @@ def rollouts(
             starts.append(n)
             lens.append(len(reasoning))
             pix.append(pixels[r])
-    return scoring_batch(rm, seqs, torch.stack(pix), starts, lens)
+            stopped.append(max_new is not None and len(reasoning) < max_new)
+    return scoring_batch(rm, seqs, torch.stack(pix), starts, lens, stopped)
 
 
-def scoring_batch(rm: ZRewardModel, seqs: list[list[int]], pixels: torch.Tensor, starts: list[int], lens: list[int]) -> TeacherBatch:
+def scoring_batch(rm: ZRewardModel, seqs: list[list[int]], pixels: torch.Tensor, starts: list[int], lens: list[int],
+                  stopped: list[bool] | None = None) -> TeacherBatch:
+    """``stopped[i]``: row i's reasoning ended with the end-of-turn token (see :class:`TeacherBatch`)."""
     p = rm.processor
     input_ids, mask = p.pad(seqs)
     inputs = {
         "input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": (input_ids == p.image_token_id).long(),
         "pixel_values": p.patchify(pixels), "image_grid_thw": torch.tensor([p.grid_thw] * len(seqs)),
     }
-    return TeacherBatch(inputs, mask.sum(1) - 1, torch.tensor(starts), torch.tensor(lens))
+    stop = torch.tensor(stopped if stopped is not None else [False] * len(seqs), dtype=torch.bool)
+    return TeacherBatch(inputs, mask.sum(1) - 1, torch.tensor(starts), torch.tensor(lens), stop,
+                        p.tokenizer.convert_tokens_to_ids(IM_END))
 
 
 def forward_hidden(model: Any, batch: TeacherBatch) -> torch.Tensor:
@@ -93,14 +105,20 @@ def forward_hidden(model: Any, batch: TeacherBatch) -> torch.Tensor:
 
 def reasoning_slices(hidden: torch.Tensor, batch: TeacherBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states that predict each reasoning token (position t-1 for token t), the tokens and
-    their mask: [B, T, H], [B, T], [B, T] with T the longest reasoning (at least 1)."""
+    their mask: [B, T, H], [B, T], [B, T] with T the longest reasoning (at least 1). A reasoning
+    that stopped gets one more token, the end of turn, predicted from its last position."""
     B = hidden.shape[0]
-    T = max(int(batch.reasoning_len.max()), 1)
+    stop = batch.stopped if batch.stopped is not None else torch.zeros(B, dtype=torch.bool)
+    n = batch.reasoning_len + stop.long()  # actions per row
+    T = max(int(n.max()), 1)
     o_t = torch.arange(T)
     pos = batch.reasoning_start[:, None] + o_t[None, :]  # token positions
-    mask = (o_t[None, :] < batch.reasoning_len[:, None]).long()
-    pos = torch.where(mask.bool(), pos, batch.reasoning_start[:, None])  # padded slots point at a real token
-    tokens = batch.inputs["input_ids"].gather(1, pos)
-    src = (pos - 1).to(hidden.device)
-    h = hidden.gather(1, src[..., None].expand(B, T, hidden.shape[-1]))
+    mask = (o_t[None, :] < n[:, None]).long()
+    in_text = o_t[None, :] < batch.reasoning_len[:, None]
+    tokens = batch.inputs["input_ids"].gather(1, torch.where(in_text, pos, batch.reasoning_start[:, None]))
+    is_stop = stop[:, None] & (o_t[None, :] == batch.reasoning_len[:, None])
+    if batch.stop_token_id is not None:
+        tokens = torch.where(is_stop, batch.stop_token_id, tokens)
+    src = torch.where(mask.bool(), pos, batch.reasoning_start[:, None]) - 1  # padded slots read a real position
+    h = hidden.gather(1, src.to(hidden.device)[..., None].expand(B, T, hidden.shape[-1]))
     return h, tokens.to(hidden.device), mask.to(hidden.device)
