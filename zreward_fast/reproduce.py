@@ -39,22 +39,22 @@ class ReproduceConfig:
     cold_images: int = 600  # x 4 dimensions = cold-start examples
     cold_steps: int = 900
     train_pairs: int = 400
-    gdso_steps: int = 150
+    gdso_steps: int = 80
     gdso_pairs_per_step: int = 4
     num_rollouts: int = 4
     max_new_tokens: int = 72
-    gdso_lr: float = 2e-4
-    beta: float = 0.0
+    gdso_lr: float = 3e-5
+    beta: float = 0.04
     val_pairs: int = 32
-    val_every: int = 50
+    val_every: int = 40
     ablations: bool = True
-    label_images: int = 400
+    label_images: int = 300
     risd_steps: int = 600
     risd_batch: int = 16
     scalar_steps: int = 300
     export_pairs: int = 100
-    eval_pairs: int = 128
-    eval_conflicts: int = 48
+    eval_pairs: int = 96
+    eval_conflicts: int = 32
     generator_steps: int = 150
     generator_prompts: int = 8
 

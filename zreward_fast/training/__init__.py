@@ -1,4 +1,5 @@
-"""Training: data formats, synthetic data, the GDSO teacher and RISD student trainers, metrics.
+"""Training: data formats, synthetic data and benchmark pairs, the teacher cold start, the GDSO
+teacher and RISD student trainers, the scalar Bradley-Terry baseline, metrics.
 
 Heavy modules (trainers) import torch/transformers/accelerate; import them directly
 (``from zreward_fast.training.risd import RISDTrainer``) or through the lazy names here.
@@ -15,6 +16,9 @@ _LAZY = {
     "RISDTrainer": "risd", "RISDConfig": "risd",
     "GDSOTrainer": "gdso", "GDSOConfig": "gdso", "HFRolloutEngine": "rollouts", "RolloutEngine": "rollouts",
     "label_risd_targets": "labelling",
+    "ColdStartTrainer": "coldstart", "ColdStartConfig": "coldstart", "ReasoningRecord": "coldstart",
+    "ScalarRewardModel": "scalar", "ScalarTrainer": "scalar", "ScalarConfig": "scalar",
+    "benchmark_pairs": "synthetic", "conflict_pairs": "synthetic", "training_pairs": "synthetic",
 }
 
 

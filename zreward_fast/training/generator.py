@@ -68,16 +68,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dimensions import DIMENSIONS
-from .synthetic import COLOURS, MAX_SCORE, PROMPT_COLOURS, SHAPES, Group, SceneObject, describe
+from .synthetic import (
+    BACKGROUND, BLUR_PER_STEP, COLOURS, GROUND as GROUND_COLOUR, MAX_CONTRAST, MAX_SCORE, PROMPT_COLOURS, SHAPES,
+    SHADOW as SHADOW_COLOUR, WASH_PER_STEP, Group, SceneObject, describe, row_layout,
+)
+from .synthetic import NOISE_PER_STEP as _NOISE_PER_STEP_255
 
 MAX_OBJECTS = 6  # the most objects a prompt may hold (generator_prompts draws at most 4 by default)
-BACKGROUND = (200, 215, 235)
-GROUND_COLOUR = (120, 150, 90)
-SHADOW_COLOUR = (70, 90, 55)
 PALETTE_NAMES = tuple(COLOURS)
-BLUR_PER_STEP = 0.6  # pixels of Gaussian sigma per realism step (synthetic.render)
-NOISE_PER_STEP = 7.0 / 255.0  # noise std per realism step, on the 0..1 scale
-MAX_WASH = 6.0 / 7.0  # synthetic._washed caps the wash at six steps
+NOISE_PER_STEP = _NOISE_PER_STEP_255 / 255.0  # noise std per realism step, on the 0..1 scale
+MAX_WASH = MAX_CONTRAST * WASH_PER_STEP  # synthetic._washed caps the wash at MAX_CONTRAST steps
 RESIDUAL_BOUND = 0.1
 EDGE_PX = 0.35  # soft-edge width of the masks, in pixels
 _TEXTURE = 257  # canonical signed-distance textures, over [-2, 2]^2 in units of the radius
@@ -246,12 +246,8 @@ def _rgb(c: tuple[int, int, int]) -> Tensor:
 def _layout(params: SceneParams, enc: EncodedPrompts, size: int) -> tuple[Tensor, Tensor, Tensor, float]:
     """Object centres cx, cy [P, N], radius r [P, 1] and the ground line, in pixels; synthetic.render's
     layout, with its whole composition steps made continuous in the crowding ``c``."""
-    n = enc.count.clamp_min(1)[:, None]  # [P, 1]
-    spacing = size / (n + 1)
-    r = torch.minimum(size / (4.5 + n), 0.36 * spacing)
-    c = params.crowd[:, None]
-    first = 1.2 * r + (spacing - 1.2 * r) / (1.0 + c)
-    spacing = torch.maximum(2.5 * r, spacing / (1.0 + 0.5 * c))
+    n = enc.count.clamp_min(1)[:, None].float()  # [P, 1]
+    r, first, spacing = row_layout(n, size, params.crowd[:, None], torch.minimum, torch.maximum)
     slot = torch.arange(enc.mask.shape[1], dtype=torch.float32)[None]
     cx = first + slot * spacing
     ground = float(int(size * 0.75))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -42,6 +42,9 @@ MAX_SCORE = 4.0
 BACKGROUND = (200, 215, 235)
 GROUND = (120, 150, 90)
 SHADOW = (70, 90, 55)
+BLUR_PER_STEP = 0.6  # realism: Gaussian blur radius (pixels) per step
+NOISE_PER_STEP = 7.0  # realism: noise std (0..255) per step
+WASH_PER_STEP = 1.0 / 7.0  # aesthetics: share of the way to the background per contrast step
 GAPS = (0.5, 1.0, 1.5, 2.0)
 
 ERROR_COSTS = {"colour": 0.5, "shape": 0.5, "missing": 1.0, "extra": 1.0, "order": 1.0}
@@ -369,6 +372,17 @@ def random_scene(rng: np.random.Generator, target: dict[str, float] | None = Non
 
 
 # ---------------------------------------------------------------- rendering
+def row_layout(n: Any, size: int, crowding: Any, minimum: Callable = min, maximum: Callable = max) -> tuple:
+    """Radius, first centre and spacing of a row of ``n`` objects: neighbours never overlap (so
+    alignment stays readable), and crowding moves the row to the left edge and packs it tighter.
+    Floats with the default ``min``/``max``; tensors with ``torch.minimum``/``torch.maximum``
+    (the differentiable generator draws the same row with a continuous ``crowding``)."""
+    spacing = size / (n + 1)
+    r = minimum(size / (4.5 + n), 0.36 * spacing)
+    first = 1.2 * r + (spacing - 1.2 * r) / (1.0 + crowding)
+    return r, first, maximum(2.5 * r, spacing / (1.0 + 0.5 * crowding))
+
+
 def render(scene: Scene, size: int = 128) -> Image.Image:
     rng = np.random.default_rng(scene.seed)
     s = size
@@ -377,13 +391,7 @@ def render(scene: Scene, size: int = 128) -> Image.Image:
     ground = int(s * 0.75)
     d.rectangle((0, ground, s, s), fill=GROUND)
     drawn = scene.drawn
-    n = max(len(drawn), 1)
-    spacing = s / (n + 1)
-    r = min(s / (4.5 + n), 0.36 * spacing)  # neighbours never overlap: alignment stays readable
-    # crowding moves the row towards the left edge and packs it tighter (never overlapping)
-    k = 1.0 + scene.composition_steps
-    first = 1.2 * r + (spacing - 1.2 * r) / k
-    spacing = max(2.5 * r, spacing / (1.0 + 0.5 * scene.composition_steps))
+    r, first, spacing = row_layout(max(len(drawn), 1), s, scene.composition_steps)
     w = scene.wrong_shadows
     for i, obj in enumerate(drawn):
         cx = first + i * spacing
@@ -401,7 +409,7 @@ def render(scene: Scene, size: int = 128) -> Image.Image:
 
 
 def _washed(c, bg, steps: int):
-    t = min(steps, MAX_CONTRAST) / 7.0
+    t = min(steps, MAX_CONTRAST) * WASH_PER_STEP
     return tuple(int(round((1 - t) * a + t * b)) for a, b in zip(c, bg))
 
 
@@ -423,9 +431,9 @@ def _shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, c
 
 def _degrade_pixels(img: Image.Image, steps: int, rng: np.random.Generator) -> Image.Image:
     """Realism steps: blur, then noise, then blocky artefacts, stronger with each step."""
-    img = img.filter(ImageFilter.GaussianBlur(0.6 * steps))
+    img = img.filter(ImageFilter.GaussianBlur(BLUR_PER_STEP * steps))
     a = np.asarray(img, np.float32)
-    a = a + rng.normal(0.0, 7.0 * steps, a.shape)
+    a = a + rng.normal(0.0, NOISE_PER_STEP * steps, a.shape)
     if steps >= 4:  # blocky artefacts: coarse resampling
         s = img.size[0]
         small = Image.fromarray(a.clip(0, 255).astype(np.uint8)).resize((max(s // steps, 4),) * 2, Image.Resampling.NEAREST)
