@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
 
 @pytest.fixture(scope="session")
 def trained_student(tmp_path_factory):
-    """A slightly trained tiny student (RISD on synthetic ground truth, 200 steps), saved; its
+    """A slightly trained tiny student (RISD on synthetic ground truth, 400 steps), saved; its
     directory. Untrained random models score all images nearly alike, which makes pairwise
     agreement meaningless: the int8 export and fp8 engine parity tests use this one."""
     from zreward_fast import ZRewardModel
@@ -37,7 +37,7 @@ def trained_student(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("student")
     data = write_synthetic_dataset(tmp / "data", 400, seed=5, size=128, kinds=("risd",))
     model = ZRewardModel(*demo_model(seed=0))
-    cfg = RISDConfig(batch_size=16, learning_rate=5e-4, max_steps=200, train_vision=True, seed=0)
+    cfg = RISDConfig(batch_size=16, learning_rate=5e-4, max_steps=400, train_vision=True, seed=0)
     trainer = RISDTrainer(model, cfg, train_records=read_manifest(data["risd"], "risd"))
     trainer.train()
     trainer.save_pretrained(tmp / "model")

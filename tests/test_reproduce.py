@@ -46,3 +46,13 @@ def test_reproduce_quick_runs_every_stage_and_reports_every_row(tmp_path, capsys
         h = report["generator"][run]
         assert len(h["reward"]) == len(h["known"]) == len(h["gap"]) >= 2
     assert sum(report["seconds"].values()) < 600
+
+    # --resume loads every saved model instead of training again, and reports the same table
+    from zreward_fast.reproduce import reproduce
+
+    again = reproduce(out, quick=True, resume=True)
+    assert again["resumed"] and set(again["rows"]) == set(rows)
+    for stage in ("teacher cold start", "GDSO", "RISD", "scalar reward model", "export"):
+        assert again["seconds"][stage] < 0.2 * max(report["seconds"][stage], 1.0), (stage, again["seconds"])
+    for name in ("student, RISD from the GDSO teacher", "student int8 bundle", "scalar reward model (BT)"):
+        assert again["rows"][name]["hpa"] == rows[name]["hpa"], name

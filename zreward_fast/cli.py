@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
 
-    report = reproduce(args.out, quick=args.quick, seed=args.seed)
+    report = reproduce(args.out, quick=args.quick, seed=args.seed, resume=args.resume)
     print((Path(args.out) / "table.md").read_text())
     print(f"report: {Path(args.out) / 'report.json'} ({report['total_seconds']:.0f} s)")
     return 0
@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, help="directory for the models, bundle, report and plots")
     rp.add_argument("--quick", action="store_true", help="the same steps, smaller (about 5 minutes on 2 cores)")
     rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--resume", action="store_true",
+                    help="load the models an earlier run with the same settings saved in --out instead of training them")
     rp.set_defaults(func=cmd_reproduce)
 
     t = sub.add_parser("tiny", help="write a tiny random model (for tests and the demo; no download)")

@@ -13,7 +13,8 @@
 8. the student's reward as a differentiable supervisor of a tiny scene generator
    (``zreward_fast.training.generator``), with the known scores to catch reward hacking.
 
-Writes ``teacher-cold/``, ``teacher/``, ``student/``, ``student-gt/``, ``scalar/``, ``bundle/``,
+Writes ``teacher-cold/``, ``teacher/`` (and ``teacher-without-*/`` for the ablations), ``student/``,
+``student-gt/``, ``scalar/``, ``bundle/``,
 ``report.json``, ``table.md``, ``hpa_by_gap.png`` and ``reproduce.log`` under the output directory.
 """
 from __future__ import annotations
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("zreward_fast.reproduce")
+
+# GDSO ablations of the full mode: the row name and the GDSOConfig fields that remove one term
+ABLATIONS = {"without L_pw": {"alpha_pw": 0.0}, "without L_pt": {"alpha_pt": 0.0}, "without GRPO": {"grpo_weight": 0.0}}
 
 
 @dataclass
@@ -108,11 +112,17 @@ def _teacher_eval(rm: Any, cfg: ReproduceConfig, seed: int, pairs: int, conflict
                     max_new_tokens=cfg.max_new_tokens)
 
 
-def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path | None, **overrides: Any) -> tuple[Any, list]:
-    """GDSO from the cold-start teacher; returns the teacher and its validation HPA history."""
+def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path, resume: bool = False,
+          **overrides: Any) -> tuple[Any, list]:
+    """GDSO from the cold-start teacher; returns the teacher and its validation HPA history
+    (saved beside it, so a resumed run reports it too)."""
     from .modeling import ZRewardModel
     from .training.gdso import GDSOConfig, GDSOTrainer
 
+    if resume and _saved(out_dir):
+        history_file = out_dir / "gdso_validation.json"
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+        return ZRewardModel.from_pretrained(out_dir), history
     rm = ZRewardModel.from_pretrained(cold_dir)
     gc = GDSOConfig(num_rollouts=cfg.num_rollouts, pairs_per_step=cfg.gdso_pairs_per_step,
                     max_new_tokens=cfg.max_new_tokens, learning_rate=cfg.gdso_lr, beta=cfg.beta,
@@ -132,15 +142,23 @@ def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path | Non
         tail = losses[-min(10, len(losses)):]
         logger.info("GDSO%s done: reward %.3f -> %.3f (mean of first/last 10 steps)", overrides or "",
                     sum(h["reward"] for h in losses[:10]) / len(losses[:10]), sum(h["reward"] for h in tail) / len(tail))
-    if out_dir is not None:
-        trainer.save_pretrained(out_dir)
+    trainer.save_pretrained(out_dir)
+    (out_dir / "gdso_validation.json").write_text(json.dumps(history))
     return trainer.reward_model, history
 
 
-def _risd(cfg: ReproduceConfig, records: list, out_dir: Path) -> Any:
+def _saved(directory: Path) -> bool:
+    """A model directory that ``save_pretrained`` finished writing."""
+    return (directory / "config.json").is_file() and (directory / "preprocessor_config.json").is_file()
+
+
+def _risd(cfg: ReproduceConfig, records: list, out_dir: Path, resume: bool = False) -> Any:
     from .modeling import ZRewardModel
     from .testing import demo_model
     from .training.risd import RISDConfig, RISDTrainer
+
+    if resume and _saved(out_dir):
+        return ZRewardModel.from_pretrained(out_dir).eval()
 
     rm = ZRewardModel(*demo_model(seed=cfg.seed + 1, image_size=cfg.image_size))
     rc = RISDConfig(batch_size=cfg.risd_batch, learning_rate=5e-4, max_steps=cfg.risd_steps, train_vision=True,
@@ -172,8 +190,12 @@ def _plot(rows: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: ReproduceConfig | None = None) -> dict:
-    """Run the whole method (module docstring) and return the report written to ``report.json``."""
+def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: ReproduceConfig | None = None,
+              resume: bool = False) -> dict:
+    """Run the whole method (module docstring) and return the report written to ``report.json``.
+
+    With ``resume``, stages whose models a previous run with the same settings saved under
+    ``out_dir`` load them instead of training again (the data are deterministic in the seed)."""
     import torch
 
     from .evaluation import evaluate, format_table
@@ -183,7 +205,8 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
     from .training.coldstart import ColdStartConfig, ColdStartTrainer
     from .training.data import RISDRecord, read_manifest, soft_targets
     from .training.labelling import label_risd_targets
-    from .training.scalar import ScalarConfig, ScalarRewardModel, ScalarTrainer
+    from .export.parity import check_thresholds
+    from .training.scalar import VALUE_HEAD_FILE, ScalarConfig, ScalarRewardModel, ScalarTrainer
     from .training.teacher import default_engine
 
     cfg = config or (ReproduceConfig.quick(seed) if quick else ReproduceConfig.full(seed))
@@ -206,40 +229,50 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
         data = _data(cfg, out / "data")
         lap("data")
 
-        teacher = ZRewardModel(*demo_model(seed=cfg.seed, image_size=cfg.image_size))
-        cold = ColdStartTrainer(teacher, ColdStartConfig(max_steps=cfg.cold_steps, learning_rate=1e-3, seed=cfg.seed),
-                                data["cold"])
-        cold.train()
-        cold.save_pretrained(out / "teacher-cold")
+        if not (resume and _saved(out / "teacher-cold")):
+            teacher = ZRewardModel(*demo_model(seed=cfg.seed, image_size=cfg.image_size))
+            cold = ColdStartTrainer(teacher, ColdStartConfig(max_steps=cfg.cold_steps, learning_rate=1e-3,
+                                                             seed=cfg.seed), data["cold"])
+            cold.train()
+            cold.save_pretrained(out / "teacher-cold")
         lap("teacher cold start")
 
-        rm_teacher, gdso_history = _gdso(out / "teacher-cold", cfg, data["pairs"], out / "teacher")
+        rm_teacher, gdso_history = _gdso(out / "teacher-cold", cfg, data["pairs"], out / "teacher", resume)
         lap("GDSO")
         ablations = {}
         if cfg.ablations:
-            for name, kw in (("without L_pw", {"alpha_pw": 0.0}), ("without L_pt", {"alpha_pt": 0.0}),
-                             ("without GRPO", {"grpo_weight": 0.0})):
-                ablations[name] = _gdso(out / "teacher-cold", dataclasses.replace(cfg, val_pairs=0), data["pairs"], None, **kw)[0]
+            for name, kw in ABLATIONS.items():
+                ablations[name] = _gdso(out / "teacher-cold", dataclasses.replace(cfg, val_pairs=0), data["pairs"],
+                                        out / f"teacher-{name.replace(' ', '-')}", resume, **kw)[0]
             lap("GDSO ablations")
 
-        engine = default_engine(rm_teacher, cfg.max_new_tokens, do_sample=False)
-        label_risd_targets(rm_teacher.eval(), data["label"], out / "data" / "risd_teacher.jsonl", engine=engine)
+        labels = out / "data" / "risd_teacher.jsonl"
+        if not (resume and labels.is_file()):
+            engine = default_engine(rm_teacher, cfg.max_new_tokens, do_sample=False)
+            label_risd_targets(rm_teacher.eval(), data["label"], labels, engine=engine)
         lap("labelling")
-        student = _risd(cfg, read_manifest(out / "data" / "risd_teacher.jsonl", "risd"), out / "student")
+        student = _risd(cfg, read_manifest(labels, "risd"), out / "student", resume)
         gt = [RISDRecord(r.image, r.prompt, {d: soft_targets(v, student.scale) for d, v in r.scores.items()})
               for r in data["label"]]
-        student_gt = _risd(cfg, gt, out / "student-gt")
+        student_gt = _risd(cfg, gt, out / "student-gt", resume)
         lap("RISD")
 
-        scalar = ScalarRewardModel(ZRewardModel(*demo_model(seed=cfg.seed + 1, image_size=cfg.image_size)))
-        ScalarTrainer(scalar, ScalarConfig(max_steps=cfg.scalar_steps, seed=cfg.seed), data["pairs"]).train()
-        scalar.save_pretrained(out / "scalar")
+        if resume and (out / "scalar" / VALUE_HEAD_FILE).is_file():
+            scalar = ScalarRewardModel.from_pretrained(out / "scalar")
+        else:
+            scalar = ScalarRewardModel(ZRewardModel(*demo_model(seed=cfg.seed + 1, image_size=cfg.image_size)))
+            ScalarTrainer(scalar, ScalarConfig(max_steps=cfg.scalar_steps, seed=cfg.seed), data["pairs"]).train()
+            scalar.save_pretrained(out / "scalar")
         lap("scalar reward model")
 
-        if (out / "bundle").exists():
-            shutil.rmtree(out / "bundle")
-        exported = export_bundle(out / "student", out / "bundle", quantize="int8", num_pairs=cfg.export_pairs,
-                                 force=True, progress=False)
+        if resume and (out / "bundle" / "manifest.json").is_file():
+            parity = json.loads((out / "bundle" / "manifest.json").read_text())["parity"]
+        else:
+            if (out / "bundle").exists():
+                shutil.rmtree(out / "bundle")
+            parity = export_bundle(out / "student", out / "bundle", quantize="int8", num_pairs=cfg.export_pairs,
+                                   force=True, progress=False).parity
+        failures = check_thresholds(parity, "int8-dynamic")
         lap("export")
 
         ev = dict(seed=cfg.seed + 10_000, pairs=cfg.eval_pairs, conflicts=cfg.eval_conflicts, size=cfg.image_size)
@@ -261,8 +294,8 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
         table = format_table(rows)
         report = {
             "mode": "quick" if quick else "full", "config": dataclasses.asdict(cfg), "rows": rows,
-            "gdso_validation": gdso_history, "parity": exported.parity.get("overall", {}),
-            "parity_failures": exported.failures, "generator": generator, "seconds": times,
+            "gdso_validation": gdso_history, "parity": parity.get("overall", {}),
+            "parity_failures": failures, "generator": generator, "seconds": times, "resumed": resume,
             "total_seconds": round(time.perf_counter() - t0, 1), "eval_seed": ev["seed"],
         }
         (out / "report.json").write_text(json.dumps(report, indent=1))

@@ -20,7 +20,7 @@ composition steps, made continuous) and a free residual image, low resolution (3
 to +-0.1 by tanh, upsampled bilinearly and added last.
 
 **Renderer** (:func:`render_scene`): the geometry of :func:`synthetic.render` (ground from
-``int(0.75*S)``, radius ``min(S/(4.5+n), 0.36*S/(n+1))``, centres ``(i+1)*S/(n+1)`` moved left and
+``int(0.75*S)``, radius and centres from ``synthetic.row_layout``, moved left and
 packed by the crowding as synthetic does it, shadow ellipse on the ground line at ``cx + 0.6r``
 when right, ``cx - 1.6r`` when left, interpolated linearly in ``s``). At whole-step parameters the
 image is within ~0.007 mean absolute difference of ``synthetic.render`` (noise aside). Shape masks

@@ -378,9 +378,9 @@ def row_layout(n: Any, size: int, crowding: Any, minimum: Callable = min, maximu
     Floats with the default ``min``/``max``; tensors with ``torch.minimum``/``torch.maximum``
     (the differentiable generator draws the same row with a continuous ``crowding``)."""
     spacing = size / (n + 1)
-    r = minimum(size / (4.5 + n), 0.36 * spacing)
+    r = minimum(size / (4.5 + n), 0.45 * spacing)
     first = 1.2 * r + (spacing - 1.2 * r) / (1.0 + crowding)
-    return r, first, maximum(2.5 * r, spacing / (1.0 + 0.5 * crowding))
+    return r, first, maximum(2.2 * r, spacing / (1.0 + 0.5 * crowding))
 
 
 def render(scene: Scene, size: int = 128) -> Image.Image:
