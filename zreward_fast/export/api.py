@@ -105,7 +105,7 @@ def export_bundle(
     from ..runtime.bundle import write_manifest
     from .manifest import manifest_from_processor
     from .onnx_export import export_decoder, export_vision
-    from .parity import DEFAULT_THRESHOLDS, check_thresholds, parity_report
+    from .parity import DEFAULT_THRESHOLDS, PARITY_TIE_TOL, check_thresholds, parity_report
 
     mode = CLI_QUANT_ALIASES.get(quantize)
     if mode is None:
@@ -158,7 +158,8 @@ def export_bundle(
             test_results += scorer.score(images[i : i + 32], prompts[i : i + 32], dims)
         ref = _probs_from_results(ref_results, dims)
         test = _probs_from_results(test_results, dims)
-        report = parity_report(ref, test, np.array(rm.scale.levels), dims, {d: pairs[d] for d in dims if d in pairs})
+        report = parity_report(ref, test, np.array(rm.scale.levels), dims, {d: pairs[d] for d in dims if d in pairs},
+                               tie_tol=PARITY_TIE_TOL)
         failures = check_thresholds(report, thresholds)
         report.update({"thresholds": thresholds, "failures": failures, "images": len(images), "pairs": num_pairs,
                        "held_out": "synthetic clean/degraded pairs (zreward_fast.training.synthetic)"})

@@ -24,6 +24,12 @@ import numpy as np
 #:   scores a little but must not reorder the images it ranks. The per-dimension agreement is in
 #:   the report too (``pair_agreement`` thresholds it per dimension when a caller asks for that).
 #: * ``fp8`` (e4m3, 3 mantissa bits): the same bar as int8.
+#: A held-out pair counts as a preference of the reference when its two means differ by more than
+#: this (0..4 scale): a smaller margin is below any rating's resolution, and flips of such near-ties
+#: are noise, not a reordering (a dimension the model has not learned is all near-ties). The gate's
+#: reports record how many pairs were compared, so a model with no preferences cannot pass unseen.
+PARITY_TIE_TOL = 0.01
+
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "none": {"mean_abs_dmu": 1e-3, "max_abs_dmu": 1e-3},
     "int8-dynamic": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
