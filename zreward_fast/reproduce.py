@@ -149,7 +149,9 @@ def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path, resu
 
 def _saved(directory: Path) -> bool:
     """A model directory that ``save_pretrained`` finished writing."""
-    return (directory / "config.json").is_file() and (directory / "preprocessor_config.json").is_file()
+    from .processing import PROCESSOR_CONFIG_NAME
+
+    return (directory / "config.json").is_file() and (directory / PROCESSOR_CONFIG_NAME).is_file()
 
 
 def _risd(cfg: ReproduceConfig, records: list, out_dir: Path, resume: bool = False) -> Any:
