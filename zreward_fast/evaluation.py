@@ -78,6 +78,8 @@ class TeacherScorer:
 
 def load_source(source: Any, teacher: bool = False, **teacher_kwargs: Any) -> Any:
     """Something with ``score(images, prompts, dimensions)`` for a directory, model or scorer."""
+    from .modeling import ZRewardModel
+
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if (path / "manifest.json").is_file():
@@ -86,11 +88,7 @@ def load_source(source: Any, teacher: bool = False, **teacher_kwargs: Any) -> An
             return Scorer(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is neither a model directory nor a bundle")
-        from .modeling import ZRewardModel
-
         source = ZRewardModel.from_pretrained(path)
-    from .modeling import ZRewardModel
-
     if isinstance(source, ZRewardModel):
         source.eval()
         return TeacherScorer(source, **teacher_kwargs) if teacher else source

@@ -106,6 +106,7 @@ def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
 
 
 def _teacher_eval(rm: Any, cfg: ReproduceConfig, seed: int, pairs: int, conflicts: int) -> dict:
+    """The benchmark of a reasoning teacher (greedy reasoning up to the run's token budget)."""
     from .evaluation import evaluate
 
     return evaluate(rm, seed=seed, pairs=pairs, conflicts=conflicts, teacher=True, size=cfg.image_size,
@@ -277,13 +278,13 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
         failures = check_thresholds(parity, "int8-dynamic")
         lap("export")
 
-        ev = dict(seed=cfg.seed + 10_000, pairs=cfg.eval_pairs, conflicts=cfg.eval_conflicts, size=cfg.image_size)
+        ev = dict(seed=cfg.seed + 10_000, pairs=cfg.eval_pairs, conflicts=cfg.eval_conflicts)
         rows: dict[str, dict] = {}
-        cold_rm = ZRewardModel.from_pretrained(out / "teacher-cold")
-        rows["teacher, cold start only"] = evaluate(cold_rm, teacher=True, max_new_tokens=cfg.max_new_tokens, **ev)
-        rows["teacher, GDSO"] = evaluate(rm_teacher, teacher=True, max_new_tokens=cfg.max_new_tokens, **ev)
+        rows["teacher, cold start only"] = _teacher_eval(ZRewardModel.from_pretrained(out / "teacher-cold"), cfg, **ev)
+        rows["teacher, GDSO"] = _teacher_eval(rm_teacher, cfg, **ev)
         for name, m in ablations.items():
-            rows[f"teacher, GDSO {name}"] = evaluate(m, teacher=True, max_new_tokens=cfg.max_new_tokens, **ev)
+            rows[f"teacher, GDSO {name}"] = _teacher_eval(m, cfg, **ev)
+        ev["size"] = cfg.image_size
         rows["scalar reward model (BT)"] = evaluate(scalar, **ev)
         rows["student, RISD from the GDSO teacher"] = evaluate(student, **ev)
         rows["student, RISD from ground truth"] = evaluate(student_gt, **ev)

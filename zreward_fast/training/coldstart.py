@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..kernels import risd_loss
 from ..modeling import ZRewardModel
 from ..prompting import teacher_scoring_suffix
-from .common import BatchSchedule, TrainerBase, load_config
+from .common import TrainerBase, load_config
 from .data import soft_targets
 from .gdso import GDSOPolicy
 from .teacher import prompt_inputs, reasoning_slices, scoring_batch
@@ -73,12 +73,7 @@ class ColdStartTrainer(TrainerBase):
             if r.dimension not in model.dimensions:
                 raise ValueError(f"record {i}: dimension {r.dimension!r} is not one of the model's {model.dimensions}")
         policy = GDSOPolicy(model, config.train_vision)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.module, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        acc = self.accelerator
-        self.schedule = BatchSchedule(len(self.train_records), config.batch_size, config.seed,
-                                      acc.process_index, acc.num_processes)
+        self._prepare(policy, config.learning_rate, config.weight_decay, config.batch_size, config.seed)
 
     @property
     def reward_model(self) -> ZRewardModel:

@@ -101,6 +101,15 @@ class TrainerBase:
         set_seed(seed)
         self.state = TrainState()
 
+    def _prepare(self, module: torch.nn.Module, lr: float, weight_decay: float, batch_size: int, seed: int) -> None:
+        """AdamW over ``module``'s trainable parameters, both prepared by accelerate, and this
+        process's slice of the deterministic batch schedule over ``self.train_records``."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        acc = self.accelerator
+        self.schedule = BatchSchedule(len(self.train_records), batch_size, seed, acc.process_index, acc.num_processes)
+
     def compute_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..kernels import gdso_loss, grpo_token_loss, score_head
 from ..modeling import ZRewardModel
-from .common import BatchSchedule, TrainerBase, full_state_dict, load_config
+from .common import TrainerBase, full_state_dict, load_config
 from .data import PairRecord, read_manifest
 from .metrics import evaluate_pairs
 from .rollouts import RolloutEngine
@@ -122,12 +122,7 @@ class GDSOTrainer(TrainerBase):
             ref_model = copy.deepcopy(model.model).eval().requires_grad_(False)
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
         policy = GDSOPolicy(model, config.train_vision)
-        params = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.module, self.optimizer = self.accelerator.prepare(policy, optimizer)
-        acc = self.accelerator
-        self.schedule = BatchSchedule(len(self.train_records), config.pairs_per_step, config.seed,
-                                      acc.process_index, acc.num_processes)
+        self._prepare(policy, config.learning_rate, config.weight_decay, config.pairs_per_step, config.seed)
 
     @property
     def reward_model(self) -> ZRewardModel:

@@ -21,7 +21,7 @@ from torch import nn
 from ..dimensions import resolve_dimensions
 from ..kernels import risd_loss
 from ..modeling import ZRewardModel
-from .common import BatchSchedule, TrainerBase, full_state_dict, load_config
+from .common import TrainerBase, full_state_dict, load_config
 from .data import RISDRecord, ScoredRecord, read_manifest
 from .metrics import evaluate_pairs
 
@@ -122,12 +122,7 @@ class RISDTrainer(TrainerBase):
                 raise ValueError(f"train record {i} has no teacher targets for {missing}")
         self.processor = model.processor
         student = RISDStudent(model, config.train_vision)
-        params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.module, self.optimizer = self.accelerator.prepare(student, optimizer)
-        acc = self.accelerator
-        self.schedule = BatchSchedule(len(self.train_records), config.batch_size, config.seed,
-                                      acc.process_index, acc.num_processes)
+        self._prepare(student, config.learning_rate, config.weight_decay, config.batch_size, config.seed)
 
     # ------------------------------------------------------------------ steps
     def _unwrapped(self) -> RISDStudent:

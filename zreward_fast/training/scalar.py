@@ -22,7 +22,7 @@ from ..checks import pair_inputs
 from ..dimensions import resolve_dimensions
 from ..modeling import ZRewardModel
 from ..scale import ScoreResult
-from .common import BatchSchedule, TrainerBase, load_config
+from .common import TrainerBase, load_config
 from .data import PairRecord
 
 VALUE_HEAD_FILE = "value_head.pt"
@@ -107,12 +107,7 @@ class ScalarTrainer(TrainerBase):
         self.train_records = [r for r in train_records if r.scores[0] != r.scores[1]]
         if not self.train_records:
             raise ValueError("no training pair has two different scores")
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.module, self.optimizer = self.accelerator.prepare(model, optimizer)
-        acc = self.accelerator
-        self.schedule = BatchSchedule(len(self.train_records), config.pairs_per_step, config.seed,
-                                      acc.process_index, acc.num_processes)
+        self._prepare(model, config.learning_rate, config.weight_decay, config.pairs_per_step, config.seed)
 
     def check_records(self, records: list) -> str | None:
         return None if all(math.isfinite(s) for r in records for s in r.scores) else "pair scores contain NaN or inf"
