@@ -143,6 +143,28 @@ def test_a_hackable_reward_rises_while_the_known_scores_do_not(prompts):
     assert h["gap"][-1] > h["gap"][0] + 0.3  # the gap measures the hacking
 
 
+def test_normalized_sgd_steps_lr_along_the_gradient_whatever_its_size(prompts):
+    """One step moves the parameter vector by exactly ``lr``, in the gradient's direction, for a
+    reward whatever its scale (a small reward model's gradients are tiny)."""
+    moves = []
+    for scale in (1e-4, 10.0):
+        def reward(pixels, texts, scale=scale):
+            m, s = _brightness_reward(pixels, texts)
+            return scale * m, s
+
+        gen = G.SceneGenerator(prompts[:2], size=32)
+        before = torch.cat([p.detach().flatten().clone() for p in gen.parameters()])
+        G.train_generator(reward, prompts[:2], steps=1, lr=0.2, optimizer="normalized-sgd", log_every=1, size=32,
+                          generator=gen)
+        after = torch.cat([p.detach().flatten() for p in gen.parameters()])
+        moves.append(after - before)
+    for m in moves:
+        assert torch.linalg.vector_norm(m).item() == pytest.approx(0.2, rel=1e-4)
+    torch.testing.assert_close(moves[0], moves[1], atol=1e-5, rtol=1e-3)  # same direction and size
+    with pytest.raises(ValueError, match="optimizer"):
+        G.train_generator(_brightness_reward, prompts[:2], steps=1, optimizer="lion", size=32)
+
+
 def test_risk_aggregation_subtracts_k_stds():
     mean, std = torch.tensor([[3.0, 2.0, 1.0, 2.0]]), torch.tensor([[0.5, 0.0, 1.0, 0.5]])
     assert G.aggregate(mean, std, "mean").item() == pytest.approx(2.0)

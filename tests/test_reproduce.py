@@ -1,4 +1,4 @@
-"""`zreward-fast reproduce --quick`: the whole method end to end, as CI runs it."""
+"""`zreward-fast reproduce --quick`: the whole method end to end, as CI runs it (one run, module scope)."""
 from __future__ import annotations
 
 import json
@@ -7,57 +7,110 @@ import math
 import pytest
 
 from zreward_fast.cli import main
+from zreward_fast.reproduce import GENERATOR_GT
 from zreward_fast.training.synthetic import DIMENSIONS
 
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
-def test_reproduce_quick_runs_every_stage_and_reports_every_row(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # kernels' torch path: the interpreter is a correctness tool
-    out = tmp_path / "repro"
-    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    report = json.loads((out / "report.json").read_text())
+TEACHER_COLD, TEACHER = "teacher, cold start only", "teacher, GDSO"
+SCALAR, STUDENT = "scalar reward model (BT)", "student, RISD from the GDSO teacher"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.delenv("TRITON_INTERPRET", raising=False)  # kernels' torch path: the interpreter is a correctness tool
+    out = tmp_path_factory.mktemp("repro") / "out"
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    yield out, json.loads((out / "report.json").read_text()), printed.getvalue()
+    mp.undo()
+
+
+def test_every_stage_runs_and_reports_every_row(run):
+    out, report, printed = run
     for d in ("teacher-cold", "teacher", "student", "student-gt", "scalar", "bundle"):
         assert (out / d).is_dir(), d
     for f in ("table.md", "hpa_by_gap.png", "generator.png", "reproduce.log", "data/risd_teacher.jsonl"):
         assert (out / f).is_file(), f
     rows = report["rows"]
-    assert list(rows) == ["teacher, cold start only", "teacher, GDSO", "scalar reward model (BT)",
-                          "student, RISD from the GDSO teacher", "student, RISD from ground truth", "student int8 bundle"]
+    assert list(rows) == [TEACHER_COLD, TEACHER, SCALAR, STUDENT, "student, RISD from ground truth", "student int8 bundle"]
     for name, r in rows.items():
         assert 0.0 <= r["hpa"] <= 1.0 and set(r["dimensions"]) == set(DIMENSIONS), name
         assert r["pairs"] == 48 and r["conflicts"] == 16
         assert name in printed
     # the cost column: the teacher reasons on every dimension, the student scores all four in one pass
-    assert rows["teacher, GDSO"]["cost"]["forward_passes_per_image"] == 4
-    assert rows["teacher, GDSO"]["cost"]["generated_tokens_per_image"] > 0
-    assert rows["student, RISD from the GDSO teacher"]["cost"] == {"forward_passes_per_image": 1.0,
-                                                                   "generated_tokens_per_image": 0.0}
+    assert rows[TEACHER]["cost"]["forward_passes_per_image"] == 4
+    assert rows[TEACHER_COLD]["cost"]["generated_tokens_per_image"] > 0
+    assert rows[STUDENT]["cost"] == {"forward_passes_per_image": 1.0, "generated_tokens_per_image": 0.0}
     # one scalar per image cannot order both sides of a conflict; distributions exist only for the others
-    assert rows["scalar reward model (BT)"]["conflict_accuracy"] <= 0.25
-    assert math.isnan(rows["scalar reward model (BT)"]["nll"])
-    assert all(math.isfinite(rows[n]["nll"]) for n in rows if n != "scalar reward model (BT)")
+    assert rows[SCALAR]["conflict_accuracy"] <= 0.25
+    assert math.isnan(rows[SCALAR]["nll"])
+    assert all(math.isfinite(rows[n]["nll"]) for n in rows if n != SCALAR)
     # the bundle is the student, quantized: its parity report travels with it
     assert report["parity"]["mean_abs_dmu"] < 0.25
     # the generator trained on the known scores improves them (the reference the reward runs are read against)
     oracle = report["generator"]["oracle"]
     assert oracle["known"][-1] > oracle["known"][0] + 1.0
-    for run in ("mean", "risk"):
-        h = report["generator"][run]
+    for name in ("mean", "risk", GENERATOR_GT):
+        h = report["generator"][name]
         assert len(h["reward"]) == len(h["known"]) == len(h["gap"]) >= 2
     assert sum(report["seconds"].values()) < 600
 
-    # --resume loads every saved model instead of training again (a smaller evaluation keeps this short)
+
+# Learning, each a number that could fail (issue 10's "done means"), on 48 held-out pairs.
+def test_gdso_teacher_beats_its_cold_start(run):
+    rows = run[1]["rows"]
+    assert rows[TEACHER]["hpa"] > rows[TEACHER_COLD]["hpa"] + 0.05, (rows[TEACHER]["hpa"], rows[TEACHER_COLD]["hpa"])
+
+
+def test_per_dimension_student_gets_conflicts_the_scalar_model_cannot(run):
+    rows = run[1]["rows"]
+    assert rows[STUDENT]["conflict_accuracy"] > rows[SCALAR]["conflict_accuracy"]
+
+
+def test_generator_known_scores_rise_against_a_student_that_perceives(run):
+    """The mechanism of part 3: gradients through a reward model that has learned the dimensions
+    (here the student distilled from ground-truth targets) raise the known scores."""
+    h = run[1]["generator"][GENERATOR_GT]
+    assert h["known"][-1] > h["known"][0] + 0.1, h["known"]
+
+
+# Two claims of the issue that do not hold at this scale (README, issue 10). Both trace to one cause:
+# the GDSO teacher hedges (its means vary by ~0.01 across images), so the labels it writes carry
+# little and the student distilled from them is weak. Kept as expected failures, not asserted away.
+_WEAK_LABELS = ("the GDSO teacher's labels hardly vary (its means spread ~0.01 across images), so the student "
+                "distilled from them trails it by ~0.1 HPA and its reward gradient does not raise the known scores")
+
+
+@pytest.mark.xfail(reason=_WEAK_LABELS)
+def test_risd_student_within_003_of_its_teacher(run):
+    rows = run[1]["rows"]
+    assert rows[STUDENT]["hpa"] >= rows[TEACHER]["hpa"] - 0.03, (rows[STUDENT]["hpa"], rows[TEACHER]["hpa"])
+
+
+@pytest.mark.xfail(reason=_WEAK_LABELS)
+def test_generator_known_scores_rise_against_the_students_reward(run):
+    h = run[1]["generator"]["mean"]
+    assert h["known"][-1] > h["known"][0] + 0.1, h["known"]
+
+
+def test_resume_loads_every_saved_model(run):
     import dataclasses
 
     from zreward_fast.evaluation import evaluate
     from zreward_fast.reproduce import ReproduceConfig, reproduce
 
+    out, report, _ = run
     small = dataclasses.replace(ReproduceConfig.quick(), eval_pairs=8, eval_conflicts=0, generator_steps=2)
     again = reproduce(out, quick=True, config=small, resume=True)
-    assert again["resumed"] and set(again["rows"]) == set(rows)
+    assert again["resumed"] and set(again["rows"]) == set(report["rows"])
     for stage in ("teacher cold start", "GDSO", "labelling", "RISD", "scalar reward model", "export"):
         assert again["seconds"][stage] < 0.2 * max(report["seconds"][stage], 1.0), (stage, again["seconds"])
     direct = evaluate(out / "student", seed=again["eval_seed"], pairs=8, conflicts=0)
-    got = again["rows"]["student, RISD from the GDSO teacher"]["dimensions"]
+    got = again["rows"][STUDENT]["dimensions"]
     assert json.dumps(got, sort_keys=True) == json.dumps(direct["dimensions"], sort_keys=True)  # NaN-safe

@@ -149,17 +149,35 @@ def test_risd_loss_goes_down_and_only_score_rows_train(data, tmp_path):
 
 def test_risd_resume_gives_the_same_next_loss(data, tmp_path):
     records = read_manifest(data["risd"], "risd")
-    full = _risd(records)
-    full.train(3)
-    want = full.state.history[2]["loss"]
-    first = _risd(records)
-    first.train(2)
+    sched = dict(lr_scheduler_type="cosine", warmup_ratio=0.25)  # the scheduler's state travels too
+    full = _risd(records, **sched)
+    full.train(4)
+    want = full.state.history[3]["loss"]
+    first = _risd(records, **sched)
+    first.train(3)
     first.save_checkpoint(tmp_path / "ckpt")
-    resumed = _risd(records)
+    resumed = _risd(records, **sched)
     resumed.load_checkpoint(tmp_path / "ckpt")
-    assert resumed.state.step == 2
-    resumed.train(3)
+    assert resumed.state.step == 3
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(first.optimizer.param_groups[0]["lr"])
+    resumed.train(4)
     assert resumed.state.history[-1]["loss"] == pytest.approx(want, abs=1e-6)
+
+
+def test_learning_rate_follows_warmup_then_cosine_decay(data):
+    records = read_manifest(data["risd"], "risd")[:4]
+    tr = _risd(records, lr_scheduler_type="cosine", warmup_ratio=0.25)
+    lrs = []
+    for _ in range(8):
+        lrs.append(tr.optimizer.param_groups[0]["lr"])
+        tr.train(tr.state.step + 1)
+    peak = 3e-3
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(peak / 2) and lrs[2] == pytest.approx(peak)  # 2 warmup steps
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # then decays every step
+    assert tr.optimizer.param_groups[0]["lr"] < 0.05 * peak
+    assert _risd(records).optimizer.param_groups[0]["lr"] == peak  # constant by default
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        _risd(records, warmup_ratio=1.0)
 
 
 def test_risd_nan_batch_is_reported_not_trained_on(data, caplog):

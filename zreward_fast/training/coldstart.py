@@ -44,6 +44,8 @@ class ReasoningRecord:
 class ColdStartConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
+    warmup_ratio: float = 0.0  # of max_steps
     batch_size: int = 8
     max_steps: int = 200
     grad_clip: float = 1.0
@@ -73,7 +75,7 @@ class ColdStartTrainer(TrainerBase):
             if r.dimension not in model.dimensions:
                 raise ValueError(f"record {i}: dimension {r.dimension!r} is not one of the model's {model.dimensions}")
         policy = GDSOPolicy(model, config.train_vision)
-        self._prepare(policy, config.learning_rate, config.weight_decay, config.batch_size, config.seed)
+        self._prepare(policy, config, config.batch_size)
 
     @property
     def reward_model(self) -> ZRewardModel:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
@@ -101,14 +102,28 @@ class TrainerBase:
         set_seed(seed)
         self.state = TrainState()
 
-    def _prepare(self, module: torch.nn.Module, lr: float, weight_decay: float, batch_size: int, seed: int) -> None:
-        """AdamW over ``module``'s trainable parameters, both prepared by accelerate, and this
-        process's slice of the deterministic batch schedule over ``self.train_records``."""
+    def _prepare(self, module: torch.nn.Module, config: Any, batch_size: int) -> None:
+        """AdamW over ``module``'s trainable parameters with ``config``'s learning-rate schedule
+        (transformers' ``get_scheduler``: warmup over ``warmup_ratio`` of ``max_steps``, then
+        ``lr_scheduler_type``), prepared by accelerate, and this process's slice of the
+        deterministic batch schedule over ``self.train_records``."""
+        from transformers import get_scheduler
+
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        if not 0.0 <= config.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+        scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                                  num_warmup_steps=int(config.warmup_ratio * self.max_steps),
+                                  num_training_steps=self.max_steps)
+        # not through prepare: accelerate would step it once per process (for per-process step counts);
+        # max_steps counts global steps here. Registered so checkpoints carry it.
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        self.lr_scheduler = scheduler
+        self.accelerator.register_for_checkpointing(scheduler)
         acc = self.accelerator
-        self.schedule = BatchSchedule(len(self.train_records), batch_size, seed, acc.process_index, acc.num_processes)
+        self.schedule = BatchSchedule(len(self.train_records), batch_size, config.seed, acc.process_index,
+                                      acc.num_processes)
 
     def compute_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -137,6 +152,7 @@ class TrainerBase:
         if self.grad_clip:
             self.accelerator.clip_grad_norm_(params, self.grad_clip)
         self.optimizer.step()
+        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         value = float(self.accelerator.reduce(loss.detach(), reduction="mean"))
         self.state.history.append({"step": step, "loss": value, **logs})
@@ -146,6 +162,9 @@ class TrainerBase:
     def _skip(self, step: int, why: str) -> None:
         logger.warning("%s step %d: batch skipped, not trained on: %s", self.name, step, why)
         self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when no optimizer step came first: none must, here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
+            self.lr_scheduler.step()  # the schedule follows the step count, skipped steps included
         self.state.skipped_batches += 1
         self.state.history.append({"step": step, "skipped": why})
         self.state.step += 1

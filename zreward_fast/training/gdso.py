@@ -54,6 +54,8 @@ class GDSOConfig:
     beta: float = 0.04
     learning_rate: float = 1e-6
     weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
+    warmup_ratio: float = 0.0  # of max_steps
     max_steps: int = 100
     grad_clip: float = 1.0
     train_vision: bool = False
@@ -122,7 +124,7 @@ class GDSOTrainer(TrainerBase):
             ref_model = copy.deepcopy(model.model).eval().requires_grad_(False)
         self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
         policy = GDSOPolicy(model, config.train_vision)
-        self._prepare(policy, config.learning_rate, config.weight_decay, config.pairs_per_step, config.seed)
+        self._prepare(policy, config, config.pairs_per_step)
 
     @property
     def reward_model(self) -> ZRewardModel:

@@ -450,6 +450,9 @@ def aggregate(mean: Tensor, std: Tensor, aggregation: str = "mean", risk_k: floa
 
 
 # ---------------------------------------------------------------------------- training
+OPTIMIZERS = ("adam", "sgd", "normalized-sgd")  # train_generator's choices
+
+
 def train_generator(
     reward: RewardFn,
     prompts: Sequence[Sequence[SceneObject]],
@@ -461,6 +464,7 @@ def train_generator(
     log_every: int = 10,
     size: int = 128,
     generator: SceneGenerator | None = None,
+    optimizer: str = "adam",
 ) -> dict[str, Any]:
     """Train a :class:`SceneGenerator` to maximise the aggregated ``reward``; its history.
 
@@ -469,9 +473,19 @@ def train_generator(
     ``reward_std``, ``reward_dims``, ``known`` (the known scores averaged), ``known_dims`` and
     ``gap`` = reward - known (hacking, when it grows), plus ``seconds`` for the whole run and the
     trained ``generator``. ``seed`` sets the generator's initial weights and noise pattern.
+
+    ``optimizer``: ``"adam"``, ``"sgd"`` or ``"normalized-sgd"`` (each step moves the parameters by
+    ``lr`` along the gradient's direction, whatever its size). Against a learned reward prefer the
+    last: Adam gives every parameter a step of the same size, so parameters the reward barely sees
+    (their gradient mostly the reward model's noise) move as fast as the ones it judges, a random
+    walk that costs known score from the first steps; plain SGD keeps the direction but a small
+    reward model's gradients are tiny (its means move by 0.01 across a whole scene change).
     """
     gen = generator or SceneGenerator(prompts, size=size, seed=seed)
-    opt = torch.optim.Adam(gen.parameters(), lr=lr)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    params_list = list(gen.parameters())
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params_list, lr=lr)
     texts = gen.texts
     hist: dict[str, Any] = {
         "aggregation": aggregation, "risk_k": risk_k, "texts": texts, "step": [], "objective": [], "reward": [],
@@ -506,6 +520,11 @@ def train_generator(
             log(step, mean.detach(), std.detach(), obj.detach(), params)
         opt.zero_grad(set_to_none=True)
         (-obj.mean()).backward()
+        if optimizer == "normalized-sgd":
+            grads = [p.grad for p in params_list if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).clamp_min(1e-12)
+            for g in grads:
+                g.div_(norm)
         opt.step()
     with torch.no_grad():
         mean, std, obj, params = evaluate()
@@ -525,11 +544,13 @@ def compare_aggregations(
     n_prompts: int = 8,
     log_every: int = 10,
     size: int = 128,
+    optimizer: str = "adam",
 ) -> dict[str, dict[str, Any]]:
     """Train from the same start against ``reward`` averaged (``"mean"``), against it risk-averse
-    (``"risk"``) and against the known scores (``"oracle"``); the three histories."""
+    (``"risk"``) and against the known scores (``"oracle"``), with the same optimizer and learning
+    rate; the three histories."""
     prompts = prompts if prompts is not None else generator_prompts(seed, n_prompts)
-    common = dict(steps=steps, lr=lr, seed=seed, log_every=log_every, size=size)
+    common = dict(steps=steps, lr=lr, seed=seed, log_every=log_every, size=size, optimizer=optimizer)
     return {
         "mean": train_generator(reward, prompts, aggregation="mean", **common),
         "risk": train_generator(reward, prompts, aggregation="risk", risk_k=risk_k, **common),
@@ -561,7 +582,7 @@ def plot_generator_history(histories: dict[str, dict[str, Any]], path: str) -> N
 
 
 __all__ = [
-    "EncodedPrompts", "MAX_OBJECTS", "OracleReward", "SceneGenerator", "SceneParams", "aggregate",
+    "EncodedPrompts", "MAX_OBJECTS", "OPTIMIZERS", "OracleReward", "SceneGenerator", "SceneParams", "aggregate",
     "compare_aggregations", "encode_prompts", "gaussian_blur", "generator_prompts", "known_scores",
     "model_reward", "noise_pattern", "oracle_reward", "perfect_params", "plot_generator_history",
     "prompt_groups", "prompt_text", "render_scene", "train_generator",

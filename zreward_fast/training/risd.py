@@ -37,6 +37,8 @@ class RISDConfig:
     tiny_seed: int = 0
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
+    warmup_ratio: float = 0.0  # of max_steps
     batch_size: int = 8
     max_steps: int = 100
     grad_clip: float = 1.0
@@ -122,7 +124,7 @@ class RISDTrainer(TrainerBase):
                 raise ValueError(f"train record {i} has no teacher targets for {missing}")
         self.processor = model.processor
         student = RISDStudent(model, config.train_vision)
-        self._prepare(student, config.learning_rate, config.weight_decay, config.batch_size, config.seed)
+        self._prepare(student, config, config.batch_size)
 
     # ------------------------------------------------------------------ steps
     def _unwrapped(self) -> RISDStudent:

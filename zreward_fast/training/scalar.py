@@ -82,6 +82,8 @@ class ScalarRewardModel(nn.Module):
 class ScalarConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
+    warmup_ratio: float = 0.0  # of max_steps
     pairs_per_step: int = 8
     max_steps: int = 200
     grad_clip: float = 1.0
@@ -107,7 +109,7 @@ class ScalarTrainer(TrainerBase):
         self.train_records = [r for r in train_records if r.scores[0] != r.scores[1]]
         if not self.train_records:
             raise ValueError("no training pair has two different scores")
-        self._prepare(model, config.learning_rate, config.weight_decay, config.pairs_per_step, config.seed)
+        self._prepare(model, config, config.pairs_per_step)
 
     def check_records(self, records: list) -> str | None:
         return None if all(math.isfinite(s) for r in records for s in r.scores) else "pair scores contain NaN or inf"
