@@ -18,8 +18,14 @@ SCALAR, STUDENT = "scalar reward model (BT)", "student, RISD from the GDSO teach
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    import torch
+
     mp = pytest.MonkeyPatch()
     mp.delenv("TRITON_INTERPRET", raising=False)  # kernels' torch path: the interpreter is a correctness tool
+    # a fixed thread count: other test modules set one thread at import, and the float reduction order
+    # changes the sampled rollouts, so the quick run's numbers depend on it (README, issue 10)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("repro") / "out"
     import contextlib
     import io
@@ -28,6 +34,7 @@ def run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     yield out, json.loads((out / "report.json").read_text()), printed.getvalue()
+    torch.set_num_threads(threads)
     mp.undo()
 
 
@@ -80,11 +87,13 @@ def test_generator_known_scores_rise_against_a_student_that_perceives(run):
     assert h["known"][-1] > h["known"][0] + 0.1, h["known"]
 
 
-# Two claims of the issue that do not hold at this scale (README, issue 10). Both trace to one cause:
-# the GDSO teacher hedges (its means vary by ~0.01 across images), so the labels it writes carry
-# little and the student distilled from them is weak. Kept as expected failures, not asserted away.
-_WEAK_LABELS = ("the GDSO teacher's labels hardly vary (its means spread ~0.01 across images), so the student "
-                "distilled from them trails it by ~0.1 HPA and its reward gradient does not raise the known scores")
+# Two claims of the issue that do not hold reliably at this scale (README, issue 10). Both trace to one
+# cause: the GDSO teacher hedges (its means vary by ~0.01-0.03 across images), so its labels carry
+# little and the student distilled from them decides pairs by near-ties: at two threads both failed
+# (student 0.54 against its teacher's 0.67), in CI's clean-clone run at one thread both passed.
+# Expected failures, not asserted away and not asserted either.
+_WEAK_LABELS = ("not reliable at this scale: the GDSO teacher's labels hardly vary, so the student and its reward "
+                "gradient rest on near-ties (failed at two threads, passed at one)")
 
 
 @pytest.mark.xfail(reason=_WEAK_LABELS)

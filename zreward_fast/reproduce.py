@@ -31,7 +31,7 @@ from typing import Any
 logger = logging.getLogger("zreward_fast.reproduce")
 
 # every trainer of the run: warmup, then cosine decay (the full run's cold-start teacher went from
-# 0.53 to 0.65 benchmark HPA against a constant learning rate; README, issue 10)
+# 0.53 to 0.65 benchmark HPA against a constant learning rate, one run each; README, issue 10)
 SCHEDULE = {"lr_scheduler_type": "cosine", "warmup_ratio": 0.05}
 # the generator run against the student distilled from ground-truth targets
 GENERATOR_GT = "mean, student from ground truth"
