@@ -1,10 +1,13 @@
 """`zreward-fast reproduce --quick`: the whole method end to end, as CI runs it (one run, module scope)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
 import pytest
+import torch
 
 from zreward_fast.cli import main
 from zreward_fast.reproduce import GENERATOR_GT
@@ -18,24 +21,18 @@ SCALAR, STUDENT = "scalar reward model (BT)", "student, RISD from the GDSO teach
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    import torch
-
-    mp = pytest.MonkeyPatch()
-    mp.delenv("TRITON_INTERPRET", raising=False)  # kernels' torch path: the interpreter is a correctness tool
     # a fixed thread count: other test modules set one thread at import, and the float reduction order
     # changes the sampled rollouts, so the quick run's numbers depend on it (README, issue 10)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("repro") / "out"
-    import contextlib
-    import io
-
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert main(["reproduce", "--quick", "--out", str(out)]) == 0
-    yield out, json.loads((out / "report.json").read_text()), printed.getvalue()
+    with pytest.MonkeyPatch.context() as mp:  # unset for the resume test too
+        mp.delenv("TRITON_INTERPRET", raising=False)  # kernels' torch path: the interpreter is a correctness tool
+        with contextlib.redirect_stdout(printed):
+            assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+        yield out, json.loads((out / "report.json").read_text()), printed.getvalue()
     torch.set_num_threads(threads)
-    mp.undo()
 
 
 def test_every_stage_runs_and_reports_every_row(run):
@@ -87,25 +84,16 @@ def test_generator_known_scores_rise_against_a_student_that_perceives(run):
     assert h["known"][-1] > h["known"][0] + 0.1, h["known"]
 
 
-# Two claims of the issue that do not hold reliably at this scale (README, issue 10). Both trace to one
-# cause: the GDSO teacher hedges (its means vary by ~0.01-0.03 across images), so its labels carry
-# little and the student distilled from them decides pairs by near-ties: at two threads both failed
-# (student 0.54 against its teacher's 0.67), in CI's clean-clone run at one thread both passed.
-# Expected failures, not asserted away and not asserted either.
-_WEAK_LABELS = ("not reliable at this scale: the GDSO teacher's labels hardly vary, so the student and its reward "
-                "gradient rest on near-ties (failed at two threads, passed at one)")
-
-
-@pytest.mark.xfail(reason=_WEAK_LABELS)
-def test_risd_student_within_003_of_its_teacher(run):
-    rows = run[1]["rows"]
-    assert rows[STUDENT]["hpa"] >= rows[TEACHER]["hpa"] - 0.03, (rows[STUDENT]["hpa"], rows[TEACHER]["hpa"])
-
-
-@pytest.mark.xfail(reason=_WEAK_LABELS)
-def test_generator_known_scores_rise_against_the_students_reward(run):
-    h = run[1]["generator"]["mean"]
-    assert h["known"][-1] > h["known"][0] + 0.1, h["known"]
+def test_report_states_each_claim_as_the_rows_measure_it(run):
+    """`report["claims"]` records the issue's learning claims, held or not: the three asserted above
+    agree with it; the two that do not hold at this scale (the student within 0.03 of its teacher,
+    the known scores rising against the deployed student's reward; README, issue 10) are recorded
+    there, not asserted: they rest on near-ties and flip with the float reduction order."""
+    claims = run[1]["claims"]
+    assert len(claims) == 5 and all(isinstance(v, bool) for v in claims.values())
+    assert claims["GDSO teacher above its cold start (+0.05 HPA)"]
+    assert claims["student conflict accuracy above the scalar model's"]
+    assert claims["known scores rise against the ground-truth student's reward (+0.1)"]
 
 
 def test_resume_loads_every_saved_model(run):

@@ -112,12 +112,11 @@ def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     return {"cold": cold_records, "pairs": pair_records, "label": label_records}
 
 
-def _teacher_eval(rm: Any, cfg: ReproduceConfig, seed: int, pairs: int, conflicts: int) -> dict:
+def _teacher_eval(rm: Any, cfg: ReproduceConfig, **ev: Any) -> dict:
     """The benchmark of a reasoning teacher (greedy reasoning up to the run's token budget)."""
     from .evaluation import evaluate
 
-    return evaluate(rm, seed=seed, pairs=pairs, conflicts=conflicts, teacher=True, size=cfg.image_size,
-                    max_new_tokens=cfg.max_new_tokens)
+    return evaluate(rm, teacher=True, max_new_tokens=cfg.max_new_tokens, **ev)
 
 
 def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path, resume: bool = False,
@@ -140,7 +139,8 @@ def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path, resu
     step = 0
     while step < cfg.gdso_steps:
         if cfg.val_pairs and cfg.val_every:
-            r = _teacher_eval(trainer.reward_model, cfg, cfg.seed + 1, cfg.val_pairs, 0)
+            r = _teacher_eval(trainer.reward_model, cfg, seed=cfg.seed + 1, pairs=cfg.val_pairs, conflicts=0,
+                              size=cfg.image_size)
             history.append({"step": step, "val_hpa": r["hpa"]})
             logger.info("GDSO%s step %d: validation HPA %.3f", overrides or "", step, r["hpa"])
         step = min(cfg.gdso_steps, step + (cfg.val_every or cfg.gdso_steps))
@@ -285,13 +285,12 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
         failures = check_thresholds(parity, "int8-dynamic")
         lap("export")
 
-        ev = dict(seed=cfg.seed + 10_000, pairs=cfg.eval_pairs, conflicts=cfg.eval_conflicts)
+        ev = dict(seed=cfg.seed + 10_000, pairs=cfg.eval_pairs, conflicts=cfg.eval_conflicts, size=cfg.image_size)
         rows: dict[str, dict] = {}
         rows["teacher, cold start only"] = _teacher_eval(ZRewardModel.from_pretrained(out / "teacher-cold"), cfg, **ev)
         rows["teacher, GDSO"] = _teacher_eval(rm_teacher, cfg, **ev)
         for name, m in ablations.items():
             rows[f"teacher, GDSO {name}"] = _teacher_eval(m, cfg, **ev)
-        ev["size"] = cfg.image_size
         rows["scalar reward model (BT)"] = evaluate(scalar, **ev)
         rows["student, RISD from the GDSO teacher"] = evaluate(student, **ev)
         rows["student, RISD from ground truth"] = evaluate(student_gt, **ev)
@@ -302,9 +301,11 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
         lap("generator")
 
         table = format_table(rows)
+        held = claims(rows, generator)
+        logger.info("issue 10's claims: %s", held)
         report = {
             "mode": "quick" if quick else "full", "config": dataclasses.asdict(cfg), "rows": rows,
-            "gdso_validation": gdso_history, "parity": parity.get("overall", {}),
+            "gdso_validation": gdso_history, "claims": held, "parity": parity.get("overall", {}),
             "parity_failures": failures, "generator": generator, "seconds": times, "resumed": resume,
             "total_seconds": round(time.perf_counter() - t0, 1), "eval_seed": ev["seed"],
         }
@@ -316,6 +317,23 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def claims(rows: dict[str, dict], generator: dict[str, dict]) -> dict[str, bool]:
+    """The learning claims of issue 10's "done means", each as this run measured it."""
+    teacher, student = rows["teacher, GDSO"], rows["student, RISD from the GDSO teacher"]
+
+    def rises(h: dict) -> bool:
+        return h["known"][-1] > h["known"][0] + 0.1
+
+    return {
+        "GDSO teacher above its cold start (+0.05 HPA)": teacher["hpa"] > rows["teacher, cold start only"]["hpa"] + 0.05,
+        "RISD student within 0.03 HPA of its teacher": student["hpa"] >= teacher["hpa"] - 0.03,
+        "student conflict accuracy above the scalar model's":
+            student["conflict_accuracy"] > rows["scalar reward model (BT)"]["conflict_accuracy"],
+        "known scores rise against the student's reward (+0.1)": rises(generator["mean"]),
+        "known scores rise against the ground-truth student's reward (+0.1)": rises(generator[GENERATOR_GT]),
+    }
 
 
 def _generator(student: Any, student_gt: Any, cfg: ReproduceConfig, out: Path) -> dict:

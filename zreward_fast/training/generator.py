@@ -522,7 +522,7 @@ def train_generator(
         (-obj.mean()).backward()
         if optimizer == "normalized-sgd":
             grads = [p.grad for p in params_list if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).clamp_min(1e-12)
+            norm = torch.nn.utils.get_total_norm(grads).clamp_min(1e-12)
             for g in grads:
                 g.div_(norm)
         opt.step()
