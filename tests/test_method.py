@@ -25,7 +25,10 @@ def test_cold_start_learns_the_reasoning_its_end_and_the_score(monkeypatch):
     records = _reasonings()
     trainer = ColdStartTrainer(rm, ColdStartConfig(max_steps=40, batch_size=8, learning_rate=3e-3), records)
     first, _ = trainer.compute_loss(records)
+    vision = {k: v.clone() for k, v in rm.model.model.visual.state_dict().items()}
     trainer.train()
+    # the vision tower is frozen unless asked for (train_vision): the cold start trains the language side
+    assert all(torch.equal(v, rm.model.model.visual.state_dict()[k]) for k, v in vision.items())
     last, logs = trainer.compute_loss(records)
     assert float(last.detach()) < 0.5 * float(first.detach())
     assert logs["loss_reasoning"] < 1.5 and logs["loss_score"] < 1.0

@@ -1,7 +1,9 @@
 """``zreward-fast reproduce``: the Z-Reward method run as a whole, in miniature, on this CPU.
 
-1. teacher cold start (reason-then-score SFT on reasoning texts written from the scene facts);
-2. GDSO on synthetic pairs (G rollouts per side from the teacher's own sampling), with the
+1. teacher cold start: a perception warm-up (one-pass score distributions of the cold-start
+   images, standing in for the pretrained VLM the paper starts from), then reason-then-score SFT on
+   reasoning texts written from the scene facts with the vision tower frozen;
+2. GDSO on synthetic pairs (G rollouts per side from the teacher's own sampling, vision frozen), with the
    benchmark HPA on a validation seed logged as it trains (and, in full mode, three ablations:
    without L_pw, without L_pt, without the GRPO term);
 3. labelling: the trained teacher writes RISD targets for a fresh image set;
@@ -46,6 +48,10 @@ class ReproduceConfig:
     seed: int = 0
     image_size: int = 128
     cold_images: int = 600  # x 4 dimensions = cold-start examples
+    # the teacher's perception warm-up: one-pass score distributions of the cold-start images (the
+    # student format) before the reason-then-score cold start, whose reasoning loss alone left the
+    # vision tower unused (README, issue 10); 0 skips it and trains the vision tower in cold start
+    perception_steps: int = 600
     cold_steps: int = 900
     train_pairs: int = 400
     gdso_steps: int = 80
@@ -75,7 +81,7 @@ class ReproduceConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> "ReproduceConfig":
-        return cls(seed=seed, cold_images=150, cold_steps=200, train_pairs=96, gdso_steps=30,
+        return cls(seed=seed, cold_images=150, perception_steps=200, cold_steps=200, train_pairs=96, gdso_steps=40,
                    gdso_pairs_per_step=4, val_pairs=0, ablations=False, label_images=64, risd_steps=120,
                    risd_batch=8, scalar_steps=60, export_pairs=24, eval_pairs=48, eval_conflicts=16,
                    generator_steps=40, generator_prompts=4)
@@ -94,13 +100,17 @@ def _save_images(directory: Path, images: list, stem: str) -> list[str]:
 def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     """Cold-start reasonings, training pairs and labelling images, all from training seed streams."""
     from .training.coldstart import ReasoningRecord
-    from .training.data import PairRecord, ScoredRecord
+    from .training.data import PairRecord, RISDRecord, ScoredRecord, soft_targets
     from .training.synthetic import DIMENSIONS, samples, training_pairs
+    from .scale import ScoreScale
 
     cold = list(samples(cfg.cold_images, seed=cfg.seed * 7 + 1, size=cfg.image_size))
     cold_paths = _save_images(out / "cold", [s.image for s in cold], "c")
     cold_records = [ReasoningRecord(p, s.prompt, d, s.scene.reasoning(d), s.scores[d])
                     for p, s in zip(cold_paths, cold) for d in DIMENSIONS]
+    # the same images and known scores, as one-pass targets for the teacher's perception warm-up
+    perception = [RISDRecord(p, s.prompt, {d: soft_targets(v, ScoreScale()) for d, v in s.scores.items()})
+                  for p, s in zip(cold_paths, cold)]
     pairs = training_pairs(cfg.seed, cfg.train_pairs, size=cfg.image_size)
     pair_records = []
     for i, p in enumerate(pairs):
@@ -109,7 +119,7 @@ def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     fresh = list(samples(cfg.label_images, seed=cfg.seed * 7 + 2, size=cfg.image_size))
     fresh_paths = _save_images(out / "label", [s.image for s in fresh], "l")
     label_records = [ScoredRecord(p, s.prompt, s.scores) for p, s in zip(fresh_paths, fresh)]
-    return {"cold": cold_records, "pairs": pair_records, "label": label_records}
+    return {"cold": cold_records, "perception": perception, "pairs": pair_records, "label": label_records}
 
 
 def _teacher_eval(rm: Any, cfg: ReproduceConfig, **ev: Any) -> dict:
@@ -133,7 +143,7 @@ def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path, resu
     rm = ZRewardModel.from_pretrained(cold_dir)
     gc = GDSOConfig(num_rollouts=cfg.num_rollouts, pairs_per_step=cfg.gdso_pairs_per_step,
                     max_new_tokens=cfg.max_new_tokens, learning_rate=cfg.gdso_lr, beta=cfg.beta,
-                    max_steps=cfg.gdso_steps, train_vision=True, seed=cfg.seed, **overrides)
+                    max_steps=cfg.gdso_steps, train_vision=not cfg.perception_steps, seed=cfg.seed, **overrides)
     trainer = GDSOTrainer(rm, gc, train_records=pairs)
     history = []
     step = 0
@@ -160,6 +170,26 @@ def _saved(directory: Path) -> bool:
     from .processing import PROCESSOR_CONFIG_NAME
 
     return (directory / "config.json").is_file() and (directory / PROCESSOR_CONFIG_NAME).is_file()
+
+
+def _cold_start(cfg: ReproduceConfig, data: dict[str, Any]) -> Any:
+    """The cold-start teacher: the perception warm-up (one-pass scores of the cold-start images),
+    then reason-then-score SFT on the same images with the vision tower frozen; without the warm-up
+    (``perception_steps=0``) the SFT trains the vision tower itself."""
+    from .modeling import ZRewardModel
+    from .testing import demo_model
+    from .training.coldstart import ColdStartConfig, ColdStartTrainer
+    from .training.risd import RISDConfig, RISDTrainer
+
+    teacher = ZRewardModel(*demo_model(seed=cfg.seed, image_size=cfg.image_size))
+    if cfg.perception_steps:
+        RISDTrainer(teacher, RISDConfig(batch_size=16, learning_rate=5e-4, max_steps=cfg.perception_steps,
+                                        train_vision=True, seed=cfg.seed, **SCHEDULE),
+                    train_records=data["perception"]).train()  # trains the teacher's modules in place
+    cold = ColdStartTrainer(teacher, ColdStartConfig(max_steps=cfg.cold_steps, learning_rate=1e-3, seed=cfg.seed,
+                                                     train_vision=not cfg.perception_steps, **SCHEDULE), data["cold"])
+    cold.train()
+    return cold
 
 
 def _risd(cfg: ReproduceConfig, records: list, out_dir: Path, resume: bool = False) -> Any:
@@ -212,7 +242,6 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
     from .export.api import export_bundle
     from .modeling import ZRewardModel
     from .testing import demo_model
-    from .training.coldstart import ColdStartConfig, ColdStartTrainer
     from .training.data import RISDRecord, read_manifest, soft_targets
     from .training.labelling import label_risd_targets
     from .export.parity import check_thresholds
@@ -240,11 +269,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
         lap("data")
 
         if not (resume and _saved(out / "teacher-cold")):
-            teacher = ZRewardModel(*demo_model(seed=cfg.seed, image_size=cfg.image_size))
-            cold = ColdStartTrainer(teacher, ColdStartConfig(max_steps=cfg.cold_steps, learning_rate=1e-3,
-                                                             seed=cfg.seed, **SCHEDULE), data["cold"])
-            cold.train()
-            cold.save_pretrained(out / "teacher-cold")
+            _cold_start(cfg, data).save_pretrained(out / "teacher-cold")
         lap("teacher cold start")
 
         rm_teacher, gdso_history = _gdso(out / "teacher-cold", cfg, data["pairs"], out / "teacher", resume)

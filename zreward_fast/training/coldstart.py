@@ -51,7 +51,9 @@ class ColdStartConfig:
     grad_clip: float = 1.0
     score_weight: float = 1.0  # weight of the score KL beside the reasoning cross-entropy
     target_sharpness: float = 4.0  # soft_targets sharpness of the score distribution
-    train_vision: bool = True
+    # frozen by default, as in GDSO and RISD: trained on the reasoning loss, a tiny model's vision tower
+    # drifted to one large constant that carried nothing of the image (README, issue 10)
+    train_vision: bool = False
     seed: int = 0
     mixed_precision: str = "no"
 
