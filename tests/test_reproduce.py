@@ -71,7 +71,7 @@ def test_every_stage_runs_and_reports_every_row(run):
 def test_teachers_perceive_what_their_reasoning_names(run):
     """The perception warm-up: before it, the reason-then-score cold start left the vision tower
     unused (a blank image changed 1% of the reasoning tokens, realism HPA 0.33 in quick mode); with
-    it, the realism reasoning reads the image (0.92-1.00 in four quick runs, two seeds)."""
+    it, the realism reasoning reads the image (0.92-1.00 in five quick runs, two seeds)."""
     rows = run[1]["rows"]
     for name in (TEACHER_COLD, TEACHER):
         assert rows[name]["dimensions"]["realism"]["hpa"] >= 0.75, (name, rows[name]["dimensions"]["realism"])
@@ -92,9 +92,9 @@ def test_generator_known_scores_rise_against_a_student_that_perceives(run):
 def test_report_states_each_claim_as_the_rows_measure_it(run):
     """`report["claims"]` records the issue's learning claims, held or not: the two asserted above
     agree with it. The other three held in the full run (seed 0; at seed 1 all but the student
-    within 0.03; README) but not reliably at this size (GDSO above its cold start failed in all four
+    within 0.03; README) but not reliably at this size (GDSO above its cold start failed in all five
     quick runs tried, the student within 0.03 of its teacher and the known scores rising against it
-    held in three and one of four), so they are recorded there, not asserted."""
+    held in four and two of five), so they are recorded there, not asserted."""
     claims = run[1]["claims"]
     assert len(claims) == 5 and all(isinstance(v, bool) for v in claims.values())
     assert claims["student conflict accuracy above the scalar model's"]
