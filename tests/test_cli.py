@@ -39,3 +39,29 @@ def test_score_errors(model_dir, tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     assert main(["score", "--bundle", str(tmp_path), "--image", str(good), "--prompt", "x"]) == 2
     assert "manifest" in capsys.readouterr().err
+
+
+def test_serve_has_a_flag_for_every_server_setting(monkeypatch, tmp_path):
+    """`serve` passes every ServerConfig field it is given (full names and the short aliases) to
+    run_server, and nothing it is not given (the config's defaults stay the config's)."""
+    import dataclasses
+
+    import zreward_fast.runtime.server as server
+    from zreward_fast.runtime.server import ServerConfig
+
+    seen = {}
+    monkeypatch.setattr(server, "run_server", lambda bundle, **kw: seen.update(kw, bundle=bundle))
+    argv = ["serve", "--bundle", str(tmp_path), "--max-items", "64", "--max-batch", "32", "--max-wait-ms", "2.5",
+            "--queue-size", "512", "--timeout-s", "60", "--no-warmup", "--decode-threads", "2"]
+    assert main(argv) == 0
+    assert seen == {"bundle": str(tmp_path), "host": "127.0.0.1", "port": 8000, "providers": None, "parallel_runs": 1,
+                    "max_items": 64, "max_batch_size": 32, "max_wait_ms": 2.5, "max_queue": 512,
+                    "request_timeout_s": 60.0, "warmup": False, "decode_threads": 2}
+    ServerConfig(**{k: v for k, v in seen.items() if k not in ("bundle", "host", "port", "providers", "parallel_runs")})
+    # every field has a flag: each one given alone reaches run_server under its own name
+    for f in dataclasses.fields(ServerConfig):
+        seen.clear()
+        flag = "--" + f.name.replace("_", "-")
+        value = [] if f.type in (bool, "bool") else ["k" if f.name == "api_key" else "3"]
+        assert main(["serve", "--bundle", str(tmp_path), flag, *value]) == 0, f.name
+        assert f.name in seen, f.name

@@ -162,8 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime import BundleError
     from .runtime.server import run_server
 
-    config = {k: v for k, v in {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-                                "max_queue": args.max_queue, "api_key": args.api_key}.items() if v is not None}
+    config = {f: getattr(args, f) for f in _server_fields() if getattr(args, f) is not None}
     try:
         run_server(args.bundle, host=args.host, port=args.port, providers=args.providers,
                    parallel_runs=args.parallel_runs, **config)
@@ -171,6 +170,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# short names RL trainers' docs use for the most-tuned server fields, beside the full ones
+SERVER_FLAG_ALIASES = {"max_batch_size": "--max-batch", "max_queue": "--queue-size", "request_timeout_s": "--timeout-s"}
+
+
+def _server_fields() -> dict:
+    """ServerConfig's fields by name (one home for the server's settings: every one is a flag)."""
+    import dataclasses
+
+    from .runtime.server import ServerConfig
+
+    return {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """``--field-name`` for every ServerConfig field (default: the config's own)."""
+    for name, f in _server_fields().items():
+        flags = ["--" + name.replace("_", "-")] + ([SERVER_FLAG_ALIASES[name]] if name in SERVER_FLAG_ALIASES else [])
+        if name == "api_key":
+            parser.add_argument(*flags, dest=name, default=None, help="require this key (default: $ZREWARD_API_KEY, if set)")
+        elif f.type in (bool, "bool"):
+            parser.add_argument(*flags, dest=name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"default: {f.default}")
+        else:
+            kind = float if f.type in (float, "float") else int
+            parser.add_argument(*flags, dest=name, type=kind, default=None, help=f"default: {f.default}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,12 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers (default: CPU)")
-    sv.add_argument("--max-batch-size", type=int, default=None)
-    sv.add_argument("--max-wait-ms", type=float, default=None)
-    sv.add_argument("--max-queue", type=int, default=None)
     sv.add_argument("--parallel-runs", type=int, default=1,
                     help="split each batch into this many parts run concurrently (CPU throughput; default 1)")
-    sv.add_argument("--api-key", default=None, help="require this key (default: $ZREWARD_API_KEY, if set)")
+    _add_server_flags(sv)
     sv.set_defaults(func=cmd_serve)
 
     tr = sub.add_parser("train", help="train a teacher with GDSO or a student with RISD")
