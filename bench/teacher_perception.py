@@ -20,10 +20,9 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 
 from zreward_fast import ZRewardModel  # noqa: E402
-from zreward_fast.prompting import teacher_scoring_suffix  # noqa: E402
 from zreward_fast.training.synthetic import DIMENSIONS, samples  # noqa: E402
 from zreward_fast.training.teacher import (  # noqa: E402
-    default_engine, forward_hidden, prompt_inputs, reasoning_slices, scoring_batch,
+    default_engine, forced_batch, forward_hidden, prompt_inputs, reasoning_slices,
 )
 
 TRAIN_SEED, FRESH_SEED = 1, 123457  # reproduce's cold-start stream at seed 0 (seed * 7 + 1); an unused one
@@ -45,15 +44,8 @@ def forced(rm: ZRewardModel, sams: list, dimension: str) -> tuple[float, float]:
     """(digit-token argmax accuracy with the true reasoning forced in, share of reasoning-token
     predictions a blank image changes)."""
     p = rm.processor
-    inputs, pixels = prompt_inputs(rm, [s.image for s in sams], [s.prompt for s in sams], [dimension] * len(sams))
-    seqs, starts, lens = [], [], []
-    for i, s in enumerate(sams):
-        ids = inputs["input_ids"][i, : int(inputs["attention_mask"][i].sum())].tolist()
-        reasoning = p.tokenize([s.scene.reasoning(dimension)])[0]
-        seqs.append(ids + reasoning + p.tokenize([teacher_scoring_suffix("", dimension)])[0])
-        starts.append(len(ids))
-        lens.append(len(reasoning))
-    batch = scoring_batch(rm, seqs, pixels, starts, lens, [True] * len(seqs))
+    batch = forced_batch(rm, [s.image for s in sams], [s.prompt for s in sams], [dimension] * len(sams),
+                         [s.scene.reasoning(dimension) for s in sams])
     h, tokens, mask = reasoning_slices(forward_hidden(rm.model, batch), batch)
     pred = rm.lm_head(h).argmax(-1)
     is_digit = torch.tensor([[p.tokenizer.decode([int(t)]) in DIGITS for t in row] for row in tokens]) & mask.bool()

@@ -75,6 +75,11 @@ class ReproduceConfig:
     generator_optimizer: str = "normalized-sgd"  # see train_generator: Adam turns the reward's noise into a random walk
     generator_lr: float = 0.3
 
+    @property
+    def train_teacher_vision(self) -> bool:
+        """After the perception warm-up the teacher's vision tower stays frozen (cold start, GDSO)."""
+        return not self.perception_steps
+
     @classmethod
     def full(cls, seed: int = 0) -> "ReproduceConfig":
         return cls(seed=seed)
@@ -100,17 +105,15 @@ def _save_images(directory: Path, images: list, stem: str) -> list[str]:
 def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     """Cold-start reasonings, training pairs and labelling images, all from training seed streams."""
     from .training.coldstart import ReasoningRecord
-    from .training.data import PairRecord, RISDRecord, ScoredRecord, soft_targets
+    from .training.data import PairRecord, ScoredRecord
     from .training.synthetic import DIMENSIONS, samples, training_pairs
-    from .scale import ScoreScale
 
     cold = list(samples(cfg.cold_images, seed=cfg.seed * 7 + 1, size=cfg.image_size))
     cold_paths = _save_images(out / "cold", [s.image for s in cold], "c")
     cold_records = [ReasoningRecord(p, s.prompt, d, s.scene.reasoning(d), s.scores[d])
                     for p, s in zip(cold_paths, cold) for d in DIMENSIONS]
     # the same images and known scores, as one-pass targets for the teacher's perception warm-up
-    perception = [RISDRecord(p, s.prompt, {d: soft_targets(v, ScoreScale()) for d, v in s.scores.items()})
-                  for p, s in zip(cold_paths, cold)]
+    perception = _known_targets([ScoredRecord(p, s.prompt, s.scores) for p, s in zip(cold_paths, cold)])
     pairs = training_pairs(cfg.seed, cfg.train_pairs, size=cfg.image_size)
     pair_records = []
     for i, p in enumerate(pairs):
@@ -120,6 +123,15 @@ def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     fresh_paths = _save_images(out / "label", [s.image for s in fresh], "l")
     label_records = [ScoredRecord(p, s.prompt, s.scores) for p, s in zip(fresh_paths, fresh)]
     return {"cold": cold_records, "perception": perception, "pairs": pair_records, "label": label_records}
+
+
+def _known_targets(records: list) -> list:
+    """RISD records whose targets are soft distributions peaked at the known scores."""
+    from .scale import ScoreScale
+    from .training.data import RISDRecord, soft_targets
+
+    return [RISDRecord(r.image, r.prompt, {d: soft_targets(v, ScoreScale()) for d, v in r.scores.items()})
+            for r in records]
 
 
 def _teacher_eval(rm: Any, cfg: ReproduceConfig, **ev: Any) -> dict:
@@ -143,7 +155,7 @@ def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path, resu
     rm = ZRewardModel.from_pretrained(cold_dir)
     gc = GDSOConfig(num_rollouts=cfg.num_rollouts, pairs_per_step=cfg.gdso_pairs_per_step,
                     max_new_tokens=cfg.max_new_tokens, learning_rate=cfg.gdso_lr, beta=cfg.beta,
-                    max_steps=cfg.gdso_steps, train_vision=not cfg.perception_steps, seed=cfg.seed, **overrides)
+                    max_steps=cfg.gdso_steps, train_vision=cfg.train_teacher_vision, seed=cfg.seed, **overrides)
     trainer = GDSOTrainer(rm, gc, train_records=pairs)
     history = []
     step = 0
@@ -187,7 +199,7 @@ def _cold_start(cfg: ReproduceConfig, data: dict[str, Any]) -> Any:
                                         train_vision=True, seed=cfg.seed, **SCHEDULE),
                     train_records=data["perception"]).train()  # trains the teacher's modules in place
     cold = ColdStartTrainer(teacher, ColdStartConfig(max_steps=cfg.cold_steps, learning_rate=1e-3, seed=cfg.seed,
-                                                     train_vision=not cfg.perception_steps, **SCHEDULE), data["cold"])
+                                                     train_vision=cfg.train_teacher_vision, **SCHEDULE), data["cold"])
     cold.train()
     return cold
 
@@ -242,7 +254,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
     from .export.api import export_bundle
     from .modeling import ZRewardModel
     from .testing import demo_model
-    from .training.data import RISDRecord, read_manifest, soft_targets
+    from .training.data import read_manifest
     from .training.labelling import label_risd_targets
     from .export.parity import check_thresholds
     from .training.scalar import VALUE_HEAD_FILE, ScalarConfig, ScalarRewardModel, ScalarTrainer
@@ -287,9 +299,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
             label_risd_targets(rm_teacher.eval(), data["label"], labels, engine=engine)
         lap("labelling")
         student = _risd(cfg, read_manifest(labels, "risd"), out / "student", resume)
-        gt = [RISDRecord(r.image, r.prompt, {d: soft_targets(v, student.scale) for d, v in r.scores.items()})
-              for r in data["label"]]
-        student_gt = _risd(cfg, gt, out / "student-gt", resume)
+        student_gt = _risd(cfg, _known_targets(data["label"]), out / "student-gt", resume)
         lap("RISD")
 
         if resume and (out / "scalar" / VALUE_HEAD_FILE).is_file():

@@ -18,11 +18,10 @@ import torch.nn.functional as F
 
 from ..kernels import risd_loss
 from ..modeling import ZRewardModel
-from ..prompting import teacher_scoring_suffix
 from .common import TrainerBase, load_config
 from .data import soft_targets
 from .gdso import GDSOPolicy
-from .teacher import prompt_inputs, reasoning_slices, scoring_batch
+from .teacher import forced_batch, reasoning_slices
 
 
 @dataclass
@@ -88,17 +87,8 @@ class ColdStartTrainer(TrainerBase):
 
     def compute_loss(self, records: list) -> tuple[torch.Tensor, dict[str, float]]:
         rm = self.reward_model
-        p = rm.processor
-        inputs, pixels = prompt_inputs(rm, [r.image for r in records], [r.prompt for r in records],
-                                       [r.dimension for r in records])
-        seqs, starts, lens = [], [], []
-        for i, r in enumerate(records):
-            prompt_ids = inputs["input_ids"][i, : int(inputs["attention_mask"][i].sum())].tolist()
-            reasoning = p.tokenize([r.reasoning])[0]
-            seqs.append(prompt_ids + reasoning + p.tokenize([teacher_scoring_suffix("", r.dimension)])[0])
-            starts.append(len(prompt_ids))
-            lens.append(len(reasoning))
-        batch = scoring_batch(rm, seqs, pixels, starts, lens, stopped=[True] * len(records))
+        batch = forced_batch(rm, [r.image for r in records], [r.prompt for r in records],
+                             [r.dimension for r in records], [r.reasoning for r in records])
         hidden = self.module(batch)  # [B, L, H]
         device = hidden.device
         h, tokens, mask = reasoning_slices(hidden, batch)  # the reasoning, then the end of turn

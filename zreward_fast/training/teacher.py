@@ -81,6 +81,22 @@ def rollouts(
     return scoring_batch(rm, seqs, torch.stack(pix), starts, lens, stopped)
 
 
+def forced_batch(rm: ZRewardModel, images: Sequence[Any], prompts: Sequence[str], dims: Sequence[str],
+                 reasonings: Sequence[str]) -> TeacherBatch:
+    """Scoring sequences with the given reasoning texts in place of sampled ones (teacher forcing:
+    the cold start's training input); every reasoning ends with the end of turn."""
+    p = rm.processor
+    inputs, pixels = prompt_inputs(rm, images, prompts, dims)
+    seqs, starts, lens = [], [], []
+    for i, (text, d) in enumerate(zip(reasonings, dims)):
+        prompt_ids = inputs["input_ids"][i, : int(inputs["attention_mask"][i].sum())].tolist()
+        reasoning = p.tokenize([text])[0]
+        seqs.append(prompt_ids + reasoning + p.tokenize([teacher_scoring_suffix("", d)])[0])
+        starts.append(len(prompt_ids))
+        lens.append(len(reasoning))
+    return scoring_batch(rm, seqs, pixels, starts, lens, stopped=[True] * len(seqs))
+
+
 def scoring_batch(rm: ZRewardModel, seqs: list[list[int]], pixels: torch.Tensor, starts: list[int], lens: list[int],
                   stopped: list[bool] | None = None) -> TeacherBatch:
     """``stopped[i]``: row i's reasoning ended with the end-of-turn token (see :class:`TeacherBatch`)."""
