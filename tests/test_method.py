@@ -103,3 +103,30 @@ def test_reasoning_slices_train_the_end_of_turn_of_a_finished_reasoning():
     batch.stopped = None  # engines that cannot tell: no stop token is trained
     _, tokens, mask = reasoning_slices(hidden, batch)
     assert mask.tolist() == [[1, 1], [1, 0]] and tokens[0].tolist() == [10, 11]
+
+
+def test_batched_rollouts_decode_as_each_prompt_alone(monkeypatch):
+    """Left-padded batches (prompts of different lengths) give the same greedy reasoning as one
+    prompt per generate call: padding reaches neither the attention nor the Gated DeltaNet state."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import dataclasses
+
+    from zreward_fast.training.rollouts import left_pad
+    from zreward_fast.training.teacher import default_engine, prompt_inputs
+
+    ids, mask = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]]), torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    out = left_pad({"input_ids": ids, "attention_mask": mask}, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [0, 8, 9]] and out["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+
+    rm = ZRewardModel(*tiny_model(3)).eval()
+    samples = list(S.samples(5, seed=4, size=64))
+    dims = ["alignment", "realism", "plausibility", "aesthetics", "realism"]
+    inputs, _ = prompt_inputs(rm, [s.image for s in samples], [s.prompt for s in samples], dims)
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1  # the prompts differ in length
+    engine = default_engine(rm, max_new_tokens=12, do_sample=False)
+    one = dataclasses.replace(engine, batch_size=1).generate(rm.model, inputs, 1)
+    batched = dataclasses.replace(engine, batch_size=3).generate(rm.model, inputs, 1)
+    assert batched == one and len(one) == 5 and len({tuple(r[0]) for r in one}) > 1
+    # G samples per prompt come back grouped under their prompt (near-zero temperature: each is greedy)
+    cold = dataclasses.replace(engine, batch_size=3, do_sample=True, temperature=1e-4)
+    assert cold.generate(rm.model, inputs, 2) == [[r[0], r[0]] for r in one]
