@@ -55,6 +55,27 @@ def test_conflict_pairs_disagree_on_two_dimensions():
         assert all(a[d] == b[d] for d in DIMS if d not in (p.dimension, p.other))
 
 
+def test_training_pairs_vary_the_unlabelled_dimensions_like_preference_data():
+    """Labelled on one dimension by its exact gap; the other three differ in about half the pairs
+    and in both directions (else "least degraded anywhere" wins every pair), or are held equal."""
+    pairs = S.training_pairs(seed=4, n=48, size=64)
+    assert Counter(p.dimension for p in pairs) == Counter({d: 12 for d in DIMS})
+    for p in pairs:
+        a, b = p.scores
+        assert a[p.dimension] - b[p.dimension] == p.gap > 0
+        assert (a, b) == (p.scenes[0].scores(), p.scenes[1].scores())
+    others = [(a[d], b[d]) for p in pairs for a, b in [p.scores] for d in DIMS if d != p.dimension]
+    differ = [x for x in others if x[0] != x[1]]
+    assert 0.3 < len(differ) / len(others) < 0.7
+    assert any(x > y for x, y in differ) and any(x < y for x, y in differ)
+    # the labelled winner is worse on another dimension in some pairs: a conflict, as in the data
+    assert any(a[d] < b[d] for p in pairs for a, b in [p.scores] for d in DIMS if d != p.dimension)
+    held = S.training_pairs(seed=4, n=16, size=64, vary_others=False)
+    assert all(a[d] == b[d] for p in held for a, b in [p.scores] for d in DIMS if d != p.dimension)
+    train = {_key(img) for p in pairs for img in p.images}
+    assert not train & {_key(img) for p in S.benchmark_pairs(seed=4, n=48, size=64) for img in p.images}
+
+
 def test_alignment_errors_draw_what_another_prompt_asks_for_exactly():
     """An alignment error is only visible against the prompt: the degraded image is a perfect
     (alignment 4.0) rendering of the prompt that describes what was drawn."""
