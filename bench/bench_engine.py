@@ -253,7 +253,7 @@ def main(argv=None) -> int:
               f"{fmt(r.get('b16_images_per_s'), '10.1f')} {fmt(r.get('b64_images_per_s'), '10.1f')} "
               f"{fmt(r.get('b1_speedup'), '6.2f')} {fmt(r.get('b16_speedup'), '6.2f')} "
               f"{fmt(r.get('mean_abs_dmu_vs_eager'), '10.4f')} {r.get('note', '')}")
-    print(f"targets (DESIGN.md 7): batch 1 <= 12 ms; batch 16 >= 150 images/s bf16, >= 230 fp8\nwrote {path}")
+    print(f"targets (docs/architecture.md): batch 1 <= 12 ms; batch 16 >= 150 images/s bf16, >= 230 fp8\nwrote {path}")
     return 0
 
 

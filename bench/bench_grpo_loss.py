@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the GRPO token loss fused with the LM head, forward + backward, side by side.
 
-Rows (same inputs; loss = GRPO clipped-ratio + k3 KL, DESIGN.md section 3):
+Rows (same inputs; loss = GRPO clipped-ratio + k3 KL, docs/architecture.md):
   eager           torch eager zreward_fast.reference.grpo_token_loss (the spec: upcasts hidden and
                   W to fp32, fp32 [B*T, V] logits; fp32 GEMMs, TF32 off as torch's default)
   eager-native    the same math with the LM-head GEMM in the input dtype, logits upcast after it
@@ -15,7 +15,7 @@ Rows (same inputs; loss = GRPO clipped-ratio + k3 KL, DESIGN.md section 3):
                   (default chunking); triton-c<C> rows: the kernel with C-token chunks (--chunk)
 
 speedup_vs_eager is relative to eager-native for 16-bit dtypes (a trainer's eager step, as in
-the DESIGN.md section 7 anchors), else to eager; the baseline row says so in its note.
+the anchors of docs/architecture.md), else to eager; the baseline row says so in its note.
 
 On a GPU: times from CUDA events after warm-up; peak extra memory = torch.cuda.max_memory_allocated
 during one step minus what was allocated before it (the returned grads included: grad W alone is
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
         del fn
         _free(torch, gpu)
 
-    # Speedup baseline: eager-native for 16-bit inputs (a trainer's eager step, like the DESIGN.md
+    # Speedup baseline: eager-native for 16-bit inputs (a trainer's eager step, like the docs/architecture.md
     # section 7 anchor), else the eager reference.
     base = next((r for name in ("eager-native", "eager") for r in rows
                  if r["impl"] == name and r.get("ms_median")), None)

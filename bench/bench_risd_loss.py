@@ -15,7 +15,7 @@ Two weight layouts, marked in the `weight` column:
   head    weight is the full LM head [V, H] and needs grad: its [V, H] gradient (mostly a
           memset: 2 GB at V=248320, H=4096, bf16) costs about the same for every implementation
   k-rows  weight is just the K score rows (V = K, token_ids = arange(K)), trained as their own
-          parameter as the RISD trainer does (DESIGN.md section 7); eager-full-logits is the
+          parameter as the RISD trainer does (docs/architecture.md); eager-full-logits is the
           same computation there and is not run
 
 On a GPU: times from CUDA events after warm-up, peak memory = torch.cuda.max_memory_allocated

@@ -81,7 +81,7 @@ except Exception as e:
 export TRITON_INTERPRET=0
 want tests && step gpu_tests 200 bash -o pipefail -c "'$PY' -m pytest -m gpu tests -q -rs 2>&1 | tee '$OUT/gpu_tests.txt'"
 
-# Benchmarks at the DESIGN.md section 7 shapes (bf16), side by side in one run.
+# Benchmarks at the shapes of docs/architecture.md's performance targets (bf16), side by side in one run.
 want score_head && step bench_score_head 90 "$PY" bench/bench_score_head.py --device cuda --N 4096 --H 4096 --V 248320 \
     --K 9 --dtype bf16 --out-dir "$OUT"
 want gdso && step bench_gdso_loss 60 "$PY" bench/bench_gdso_loss.py --device cuda --P 64 --G 8 --K 9 --dtype bf16 --out-dir "$OUT"

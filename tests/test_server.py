@@ -1,6 +1,6 @@
 """The HTTP server against a fake scorer, over a real loopback socket (uvicorn in a thread).
 
-Covers the DESIGN.md §4 contract (shapes, codes), probes, metrics, the API key, a corpus of bad
+Covers the HTTP contract of ``runtime.http_schema`` (shapes, codes), probes, metrics, the API key, a corpus of bad
 inputs (each a 4xx JSON error, never a 500, and the server keeps serving), timeouts, back-pressure,
 graceful shutdown and a bounded load test.
 """

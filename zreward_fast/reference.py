@@ -82,7 +82,7 @@ def gdso_loss(
     lambda_pw: float = 0.5,
     eps: float = 1e-4,
 ) -> GDSOOutput:
-    """GDSO pointwise and pairwise losses, rewards and advantages (DESIGN.md section 3).
+    """GDSO pointwise and pairwise losses, rewards and advantages (docs/architecture.md, Losses).
 
     score_logits [P, 2, G, K]: logits at the score position of rollout i of side j of instance p;
     targets [P, 2]: the annotated scores s_0, s_1; levels [K]. G >= 2 (unbiased std).

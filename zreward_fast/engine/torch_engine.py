@@ -2,7 +2,7 @@
 
 Why: transformers' eager forward spends most of a batch-1 call launching small kernels and
 handling variable shapes (packed vision sequences, masks, caches), and it scales badly past
-batch 16 (DESIGN.md section 7). This engine runs the same weights with
+batch 16 (docs/architecture.md, Performance targets). This engine runs the same weights with
 
 * static shapes per (batch, sequence) bucket: a batch is padded to its bucket by repeating its last
   row, the text to the sequence bucket by right padding. The model is causal and every token mixer

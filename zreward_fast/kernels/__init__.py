@@ -94,7 +94,7 @@ def gdso_loss(
     """GDSO group losses: score_logits [P, 2, G, K], targets [P, 2], levels [K]; G >= 2.
 
     Returns loss, loss_pt, loss_pw (differentiable w.r.t. score_logits) and rewards, advantages,
-    mean [P, 2, G] (no gradient). Formulas: DESIGN.md section 3 and `reference.gdso_loss`.
+    mean [P, 2, G] (no gradient). Formulas: docs/architecture.md (Losses) and `reference.gdso_loss`.
     """
     lv, hp = validate_gdso(score_logits, targets, levels, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps)
     if _gdso_kernels is not None and use_triton(score_logits.device):

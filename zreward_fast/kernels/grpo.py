@@ -1,6 +1,6 @@
 """Fused LM head + GRPO token loss: Triton kernel, chunked driver and the autograd Function.
 
-Spec: `zreward_fast.reference.grpo_token_loss` (DESIGN.md section 3). For N = B*T tokens with
+Spec: `zreward_fast.reference.grpo_token_loss` (docs/architecture.md, Losses). For N = B*T tokens with
 hidden states h_n, the LM head W [V, H], sampled tokens o_n, mask m_n, advantage A_b of the
 token's row, and optional old / reference log-probs:
 

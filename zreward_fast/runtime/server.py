@@ -1,6 +1,6 @@
 """The HTTP server (``zreward-fast serve``): FastAPI on uvicorn in front of a :class:`DynamicBatcher`.
 
-Endpoints (the contract of DESIGN.md §4; request, response and error shapes are documented in
+Endpoints (the HTTP contract; request, response and error shapes are documented in
 :mod:`zreward_fast.runtime.http_schema`):
 
 - ``POST /v1/score``: one pair or ``items``; answers ``{"scores": ...}`` or ``{"results": [...]}``.

@@ -1,5 +1,5 @@
 """GDSO: train the reasoning teacher with GRPO over its reasoning plus pointwise and pairwise
-supervision of its score distributions (DESIGN.md section 3).
+supervision of its score distributions (docs/architecture.md, Losses).
 
 One step, for P pair instances (two images of one prompt, one dimension, annotated scores):
 1. G reasonings are sampled per side with the rollout engine (policy in eval mode, no grad);
