@@ -15,11 +15,12 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from zreward_fast.export.modules import (  # noqa: E402
-    GDN_FORMS, ExportDecoder, ExportVision, causal_conv1d_silu, chunk_gated_delta_rule, gdn_gates,
+    ExportDecoder, ExportVision, causal_conv1d_silu, chunk_gated_delta_rule, gdn_gates,
     single_frame_patches, unit_lower_inverse,
 )
 from zreward_fast.export.onnx_export import count_nodes, export_decoder, export_vision  # noqa: E402
 from zreward_fast.modeling import ZRewardModel  # noqa: E402
+from zreward_fast.runtime.bundle import GDN_FORMS  # noqa: E402
 from zreward_fast.testing import tiny_model  # noqa: E402
 
 PROMPTS = [

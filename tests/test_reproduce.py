@@ -46,7 +46,7 @@ def test_every_stage_runs_and_reports_every_row(run):
     assert list(rows) == [TEACHER_COLD, TEACHER, SCALAR, STUDENT, "student, RISD from ground truth", "student int8 bundle"]
     for name, r in rows.items():
         assert 0.0 <= r["hpa"] <= 1.0 and set(r["dimensions"]) == set(DIMENSIONS), name
-        assert r["pairs"] == 48 and r["conflicts"] == 16
+        assert r["pairs"] == 96 and r["conflicts"] == 32
         assert name in printed
     # the cost column: the teacher reasons on every dimension, the student scores all four in one pass
     assert rows[TEACHER]["cost"]["forward_passes_per_image"] == 4
@@ -67,7 +67,7 @@ def test_every_stage_runs_and_reports_every_row(run):
     assert sum(report["seconds"].values()) < 600
 
 
-# Learning, each a number that could fail (issue 10's "done means"), on 48 held-out pairs.
+# Learning, each a number that could fail (issue 10's "done means"), on 96 held-out pairs.
 def test_teachers_perceive_what_their_reasoning_names(run):
     """The perception warm-up: before it, the reason-then-score cold start left the vision tower
     unused (a blank image changed 1% of the reasoning tokens, realism HPA 0.33 in quick mode); with
@@ -75,6 +75,16 @@ def test_teachers_perceive_what_their_reasoning_names(run):
     rows = run[1]["rows"]
     for name in (TEACHER_COLD, TEACHER):
         assert rows[name]["dimensions"]["realism"]["hpa"] >= 0.75, (name, rows[name]["dimensions"]["realism"])
+
+
+def test_gdso_calibrates_the_teachers_distributions(run):
+    """GDSO's pointwise term trains the score after the teacher's own sampled reasoning: the NLL of
+    the known level on held-out images falls (3.6 -> 2.1-2.6 in six quick runs, 4.4 -> 1.9 in the
+    full run). Its HPA gain is recorded in the claims, not asserted: at this size the cold start is
+    within 0.05-0.1 of what this backbone reaches (README)."""
+    rows = run[1]["rows"]
+    assert rows[TEACHER]["nll"] < rows[TEACHER_COLD]["nll"] - 0.5, (rows[TEACHER]["nll"], rows[TEACHER_COLD]["nll"])
+    assert run[1]["claims"]["GDSO teacher better calibrated than its cold start (NLL -0.5)"]
 
 
 def test_per_dimension_student_gets_conflicts_the_scalar_model_cannot(run):
@@ -96,7 +106,7 @@ def test_report_states_each_claim_as_the_rows_measure_it(run):
     quick runs tried, the student within 0.03 of its teacher and the known scores rising against it
     held in four and two of five), so they are recorded there, not asserted."""
     claims = run[1]["claims"]
-    assert len(claims) == 5 and all(isinstance(v, bool) for v in claims.values())
+    assert len(claims) == 6 and all(isinstance(v, bool) for v in claims.values())
     assert claims["student conflict accuracy above the scalar model's"]
     assert claims["known scores rise against the ground-truth student's reward (+0.1)"]
 

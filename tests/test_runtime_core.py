@@ -439,3 +439,18 @@ def test_scorer_rejects_wrong_graph_interface(tiny, bundle, tmp_path):
     write_manifest(root, manifest)
     with pytest.raises(BundleError, match="graph interface differs"):
         Scorer(root)
+
+
+def test_bundle_contract_names_quantization_modes_once():
+    """The modes the exporter, the quantizer and the CLI accept are runtime.bundle's (issue 11)."""
+    from zreward_fast.cli import build_parser
+    from zreward_fast.export import quantize
+    from zreward_fast.runtime.bundle import QUANT_ALIASES, QUANT_MODES, resolve_quant_mode
+
+    assert resolve_quant_mode("int8") == "int8-dynamic" and resolve_quant_mode("fp8") == "fp8"
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        resolve_quant_mode("int4")
+    assert set(quantize.MODES) == set(QUANT_MODES) - {"none"}
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    (action,) = [a for a in export._actions if a.dest == "quantize"]
+    assert set(action.choices) == set(QUANT_MODES) | set(QUANT_ALIASES)

@@ -80,3 +80,17 @@ def test_prompt_checks():
         check_prompt("x" * 11, max_chars=10)
     with pytest.raises(ValueError, match="placeholders"):
         PromptFormat(student="no placeholders")
+
+
+def test_student_query_positions_is_the_one_check_of_a_student_sequence():
+    from zreward_fast.prompting import student_query_positions
+
+    q = {"alignment": 7, "realism": 8}
+    rows = [[1, 5, 5, 2, 7, 8], [5, 5, 8, 3, 7]]
+    assert student_query_positions(rows, ["alignment", "realism"], q, image_token_id=5, num_image_tokens=2) == [[4, 5], [4, 2]]
+    with pytest.raises(ValueError, match=r"prompt 1: 1 image tokens in the text; the bucket needs 2"):
+        student_query_positions([rows[0], [5, 7, 8]], ["alignment"], q, 5, 2)
+    with pytest.raises(ValueError, match=r"prompt 4: expected one <\|dim_realism\|> token, found 2"):
+        student_query_positions([[5, 5, 7, 8, 8]], ["realism"], q, 5, 2, first_index=4)
+    with pytest.raises(ValueError, match=r"prompt 0: expected one <\|dim_alignment\|> token, found 0"):
+        student_query_positions([[5, 5, 8]], ["alignment"], q, 5, 2)

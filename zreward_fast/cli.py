@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .dimensions import DIMENSIONS
+from .runtime.bundle import GDN_FORMS, QUANT_ALIASES, QUANT_MODES
 
 
 def _print_scores(scores: dict, levels: Sequence[float]) -> None:
@@ -217,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a student to an ONNX bundle (optionally quantized), with a parity report")
     e.add_argument("--model", required=True, help="directory of a saved ZRewardModel")
     e.add_argument("--out", required=True, help="bundle directory to write")
-    e.add_argument("--quantize", default="none", choices=["none", "int8", "int8-dynamic", "int8-static", "fp8"],
+    e.add_argument("--quantize", default="none", choices=[*QUANT_MODES, *QUANT_ALIASES],
                    help="int8 = dynamic per-channel (CPU); int8-static and fp8 are QDQ calibrated on images")
     e.add_argument("--calib", default=None, help="directory of calibration images (default: synthetic images)")
-    e.add_argument("--gdn", default="decomposed", choices=["contrib", "decomposed"],
+    e.add_argument("--gdn", default="decomposed", choices=GDN_FORMS,
                    help="Gated DeltaNet decomposed into standard ops (default: any back end, and the faster "
                         "form on onnxruntime's CPU EP), or as onnxruntime's com.microsoft contrib ops")
     e.add_argument("--pairs", type=int, default=200, help="held-out synthetic pairs for the parity report")

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from . import imaging
 from .dimensions import DIMENSIONS, query_token, resolve_dimensions
-from .prompting import CHAT_SPECIAL_TOKENS, IMAGE_PAD, PromptFormat, check_prompt, student_text, teacher_text
+from .prompting import (CHAT_SPECIAL_TOKENS, IMAGE_PAD, PromptFormat, check_prompt, student_query_positions,
+                        student_text, teacher_text)
 from .scale import ScoreScale
 
 PROCESSOR_CONFIG_NAME = "zreward_processor.json"
@@ -196,17 +197,6 @@ class ZRewardProcessor:
             mask[i, : len(x)] = 1
         return input_ids, mask
 
-    def query_positions(self, input_ids: torch.Tensor, dimensions: Sequence[str]) -> torch.Tensor:
-        """[B, D]: the position of each dimension's query token (exactly one per row)."""
-        cols = []
-        for d in dimensions:
-            hits = input_ids == self.query_token_ids[d]
-            counts = hits.sum(1)
-            if not bool((counts == 1).all()):
-                raise ValueError(f"each sequence needs exactly one {query_token(d)} token; found counts {counts.tolist()}")
-            cols.append(hits.long().argmax(1))
-        return torch.stack(cols, 1)
-
     # ------------------------------------------------------------------ batches
     def __call__(
         self,
@@ -228,10 +218,7 @@ class ZRewardProcessor:
         return self._batch(ids, pixels, dims)
 
     def _batch(self, ids: list[list[int]], pixels: torch.Tensor, dims: tuple[str, ...]) -> ZRewardBatch:
-        for row in ids:
-            n = sum(1 for t in row if t == self.image_token_id)
-            if n != self.num_image_tokens:
-                raise ValueError(f"a sequence has {n} image tokens; the bucket needs {self.num_image_tokens}")
+        positions = student_query_positions(ids, dims, self.query_token_ids, self.image_token_id, self.num_image_tokens)
         input_ids, mask = self.pad(ids)
         grid = torch.tensor([self.grid_thw] * len(ids), dtype=torch.long)
         return ZRewardBatch(
@@ -240,7 +227,7 @@ class ZRewardProcessor:
             mm_token_type_ids=(input_ids == self.image_token_id).long(),
             pixel_values=self.patchify(pixels),
             image_grid_thw=grid,
-            query_positions=self.query_positions(input_ids, dims),
+            query_positions=torch.tensor(positions, dtype=torch.long).reshape(len(ids), len(dims)),
             dimensions=dims,
         )
 

@@ -102,3 +102,25 @@ def teacher_text(prompt: str, dimension: str, num_image_tokens: int, fmt: Prompt
 def teacher_scoring_suffix(reasoning: str, dimension: str) -> str:
     """After the generated reasoning, the dimension's query token, where the score is read."""
     return f"{reasoning}\nScore: {query_token(dimension)}"
+
+
+def student_query_positions(rows: Sequence[Sequence[int]], dimensions: Sequence[str], query_token_ids: dict[str, int],
+                            image_token_id: int, num_image_tokens: int, first_index: int = 0) -> list[list[int]]:
+    """Token ids of tokenized student prompts -> each row's query position per dimension.
+
+    The one check of a student sequence, shared by the processor, the runtime and the engine: the
+    bucket's number of image tokens and exactly one query token per dimension. Errors name the
+    prompt (rows count from ``first_index``)."""
+    out = []
+    for i, row in enumerate(rows, first_index):
+        n_img = sum(1 for t in row if t == image_token_id)
+        if n_img != num_image_tokens:
+            raise ValueError(f"prompt {i}: {n_img} image tokens in the text; the bucket needs {num_image_tokens}")
+        positions = []
+        for d in dimensions:
+            hits = [j for j, t in enumerate(row) if t == query_token_ids[d]]
+            if len(hits) != 1:
+                raise ValueError(f"prompt {i}: expected one {query_token(d)} token, found {len(hits)}")
+            positions.append(hits[0])
+        out.append(positions)
+    return out

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import pair_inputs, positive_int
-from ..dimensions import query_token, resolve_dimensions
+from ..dimensions import resolve_dimensions
 from ..export.modules import (
     ExportDecoder,
     ExportVision,
@@ -52,6 +52,7 @@ from ..export.modules import (
 )
 from ..modeling import ZRewardModel
 from ..processing import ZRewardProcessor
+from ..prompting import student_query_positions
 from ..runtime.positions import mrope_position_ids
 from ..scale import ScoreResult, ScoreScale
 
@@ -445,20 +446,12 @@ class TorchEngine:
             ids = proc.tokenize([proc.student_text(prompt, dims)])[0]
         except (TypeError, ValueError) as e:
             raise type(e)(f"prompt {index}: {e}") from e
-        n_img = sum(1 for t in ids if t == proc.image_token_id)
-        if n_img != proc.num_image_tokens:
-            raise ValueError(f"prompt {index}: {n_img} image tokens in the text; the bucket needs {proc.num_image_tokens}")
+        (qpos,) = student_query_positions([ids], dims, self._query_ids, proc.image_token_id, proc.num_image_tokens, index)
         if len(ids) > self.seq_buckets[-1]:
             raise ValueError(
                 f"prompt {index} tokenizes to {len(ids)} tokens (with {proc.num_image_tokens} image tokens), more than "
                 f"the largest sequence bucket {self.seq_buckets[-1]}: shorten the prompt or pass larger seq_buckets"
             )
-        qpos = []
-        for d in dims:
-            hits = [i for i, t in enumerate(ids) if t == self._query_ids[d]]
-            if len(hits) != 1:
-                raise ValueError(f"prompt {index}: expected one {query_token(d)} token, found {len(hits)}")
-            qpos.append(hits[0])
         return ids, qpos
 
     # ------------------------------------------------------------------ running

@@ -19,11 +19,8 @@ import numpy as np
 
 from .. import __version__
 from ..modeling import ZRewardModel
+from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, GDN_FORMS, resolve_quant_mode
 
-QUANT_MODES = ("none", "int8-dynamic", "int8-static", "fp8")
-CLI_QUANT_ALIASES = {"none": "none", "int8": "int8-dynamic", "int8-dynamic": "int8-dynamic",
-                     "int8-static": "int8-static", "fp8": "fp8"}
-DEFAULT_EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20  # protobuf's 2 GB limit, less headroom
 
 
 class ExportParityError(RuntimeError):
@@ -95,7 +92,7 @@ def export_bundle(
     force: bool = False,
     num_pairs: int = 200,
     thresholds: dict | None = None,
-    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     opset: int = 18,
     overwrite: bool = False,
     progress: bool = True,
@@ -107,11 +104,9 @@ def export_bundle(
     from .onnx_export import export_decoder, export_vision
     from .parity import DEFAULT_THRESHOLDS, PARITY_TIE_TOL, check_thresholds, parity_report
 
-    mode = CLI_QUANT_ALIASES.get(quantize)
-    if mode is None:
-        raise ValueError(f"quantize must be one of {sorted(CLI_QUANT_ALIASES)}, got {quantize!r}")
-    if gdn not in ("contrib", "decomposed"):
-        raise ValueError(f"gdn must be 'contrib' or 'decomposed', got {gdn!r}")
+    mode = resolve_quant_mode(quantize)
+    if gdn not in GDN_FORMS:
+        raise ValueError(f"gdn must be one of {GDN_FORMS}, got {gdn!r}")
     if num_pairs < 1:
         raise ValueError("num_pairs must be >= 1")
     out = Path(out_dir)

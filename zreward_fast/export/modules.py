@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._higher_order_ops.scan import scan  # traces to one ONNX Scan over a dynamic chunk count
 
-GDN_FORMS = ("contrib", "decomposed")
+from ..runtime.bundle import GDN_FORMS
+
 CHUNK_SIZE = 16  # measured on CPU (onnxruntime): 16 and 32 tie, 64 takes twice as long
 L2NORM_EPS = 1e-6  # HF / FLA: x * rsqrt(sum(x^2) + 1e-6)
 

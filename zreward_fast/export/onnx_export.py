@@ -24,14 +24,10 @@ from typing import Any
 
 import torch
 
+from ..runtime.bundle import DECODER_INPUTS, DECODER_OUTPUTS, EXTERNAL_DATA_THRESHOLD, VISION_INPUTS, VISION_OUTPUTS
 from .modules import CHUNK_SIZE, ExportDecoder, ExportVision, check_gdn_form, single_frame_patches
 
-DEFAULT_EXTERNAL_DATA_THRESHOLD = 2**31 - 2**20  # stay clear of protobuf's 2 GiB message limit
 
-VISION_INPUTS = ["pixel_values"]
-VISION_OUTPUTS = ["image_features"]
-DECODER_INPUTS = ["input_ids", "attention_mask", "position_ids", "image_features", "query_positions"]
-DECODER_OUTPUTS = ["log_probs", "means"]
 DECODER_AXES = {
     ("input_ids", 0): "batch", ("input_ids", 1): "seq", ("attention_mask", 0): "batch", ("attention_mask", 1): "seq",
     ("position_ids", 1): "batch", ("position_ids", 2): "seq", ("image_features", 0): "batch",
@@ -242,7 +238,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_
 # --------------------------------------------------------------------------- public API
 def export_vision(
     rm: Any, path: str | os.PathLike, opset: int = 18,
-    external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
 ) -> list[Path]:
     """Export the vision tower for the processor's bucket: ``pixel_values [B, P, C*p*p] -> image_features [B, N, H]``
     (one frame per patch: the bundle's manifest says ``temporal_patch_size`` 1).
@@ -260,7 +256,7 @@ def export_vision(
 
 def export_decoder(
     rm: Any, path: str | os.PathLike, gdn: str = "decomposed", opset: int = 18,
-    external_data_threshold_bytes: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD,
 ) -> list[Path]:
     """Export the prefill decoder with the score head (see docs/bundle.md for the interface).
 

@@ -42,10 +42,12 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, EXTERNAL_MIN_TENSOR_BYTES, QUANT_MODES
+
 log = logging.getLogger(__name__)
 
 QuantMode = Literal["int8-dynamic", "int8-static", "fp8"]
-MODES: tuple[str, ...] = ("int8-dynamic", "int8-static", "fp8")
+MODES: tuple[str, ...] = tuple(m for m in QUANT_MODES if m != "none")
 
 #: Name rules. Every name attached to a candidate node (weight initializer, node name, dynamo
 #: name-scope metadata) is split into components at ``.``, ``/``, ``:`` and whitespace; a node is
@@ -718,7 +720,7 @@ def _finalize_output(dst: Path, external_data: bool) -> None:
         dst.unlink()
         if external_data:
             onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=want, size_threshold=1024)
+                            location=want, size_threshold=EXTERNAL_MIN_TENSOR_BYTES)
         else:
             onnx.save_model(model, str(dst))
     missing = [str(p) for p in _external_locations(dst) if not p.is_file()]
@@ -886,7 +888,7 @@ def quantize_bundle_graph(
     model = onnx.load(str(src))
     if calibration_reader is not None:
         _check_reader_inputs(calibration_reader, model)
-    if not external_data and _tensor_bytes(model) > 1_800_000_000:
+    if not external_data and _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         log.warning("%s: weights near the 2 GB protobuf limit; writing %s with external data", src.name, dst.name)
         external_data = True
     prep = _prepare_for_quantization(model, split_gemm=(mode == "int8-dynamic"))
@@ -898,7 +900,7 @@ def quantize_bundle_graph(
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         onnx.save_model(model, str(prepared), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="prepared.onnx.data", size_threshold=1024)
+                        location="prepared.onnx.data", size_threshold=EXTERNAL_MIN_TENSOR_BYTES)
         del model
         prep["typed_custom_outputs"] = _annotate_custom_op_types(prepared)
         nodes_q, nodes_x, selection = select_quantizable_nodes(prepared)
@@ -913,7 +915,7 @@ def quantize_bundle_graph(
             m = onnx.load(str(prepared))
             if external_data:
                 onnx.save_model(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=dst.name + ".data", size_threshold=1024)
+                                location=dst.name + ".data", size_threshold=EXTERNAL_MIN_TENSOR_BYTES)
             else:
                 onnx.save_model(m, str(dst))
         elif mode == "int8-dynamic":

@@ -19,6 +19,31 @@ MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 GRAPH_NAMES = ("vision", "decoder")
 
+# The graphs' interface: the exporter writes these names, the runtime feeds and reads them.
+VISION_INPUTS = ("pixel_values",)
+VISION_OUTPUTS = ("image_features",)
+DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids", "image_features", "query_positions")
+DECODER_OUTPUTS = ("log_probs", "means")
+# Gated DeltaNet forms of decoder.onnx: onnxruntime's com.microsoft kernels, or standard ops only
+# (the portable path, for TensorRT)
+GDN_FORMS = ("contrib", "decomposed")
+# Quantization modes a bundle can carry, and the short names the command line also accepts
+QUANT_MODES = ("none", "int8-dynamic", "int8-static", "fp8")
+QUANT_ALIASES = {"int8": "int8-dynamic"}
+# A graph whose weights pass this many bytes keeps them in ``<graph>.data``: under protobuf's 2 GiB
+# message limit with room for what quantization adds (scales, split matmuls). Tensors under
+# EXTERNAL_MIN_TENSOR_BYTES stay inline even then.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+EXTERNAL_MIN_TENSOR_BYTES = 1024
+
+
+def resolve_quant_mode(name: str) -> str:
+    """A quantization mode or its alias -> the mode recorded in a bundle's manifest."""
+    mode = QUANT_ALIASES.get(name, name)
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {name!r}; choose one of {sorted(set(QUANT_MODES) | set(QUANT_ALIASES))}")
+    return mode
+
 # Sections the runtime reads, with the type each must have.
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "files": dict,

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import imaging
 from ..dimensions import query_token, resolve_dimensions
-from ..prompting import IMAGE_PAD, PromptFormat, check_prompt, student_text
+from ..prompting import IMAGE_PAD, PromptFormat, check_prompt, student_query_positions, student_text
 from ..scale import ScoreScale
 from .bundle import TOKENIZER_NAME, BundleError, load_manifest
 from .positions import mrope_position_ids
@@ -161,22 +161,13 @@ class RuntimePreprocessor:
             length = longest
         elif longest > length:
             raise ValueError(f"a prompt tokenizes to {longest} tokens; this bundle's graph takes at most {length}")
+        query_positions = np.array(student_query_positions(rows, dims, self.query_token_ids, self.image_token_id,
+                                                           self.num_image_tokens), dtype=np.int64).reshape(len(rows), len(dims))
         input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(rows), length), dtype=np.int64)
         for i, r in enumerate(rows):
-            n_img = sum(1 for t in r if t == self.image_token_id)
-            if n_img != self.num_image_tokens:
-                raise ValueError(f"prompt {i}: {n_img} image tokens in the text; the bucket needs {self.num_image_tokens}")
             input_ids[i, : len(r)] = r
             attention_mask[i, : len(r)] = 1
-        cols = []
-        for d in dims:
-            hits = (input_ids == self.query_token_ids[d]) & (attention_mask == 1)
-            counts = hits.sum(1)
-            if not (counts == 1).all():
-                raise ValueError(f"each sequence needs exactly one {query_token(d)} token; found counts {counts.tolist()}")
-            cols.append(hits.argmax(1))
-        query_positions = np.stack(cols, 1).astype(np.int64)
         position_ids = mrope_position_ids(input_ids, attention_mask, self.image_token_id, self.merged_grid)
         return {
             "input_ids": input_ids,

@@ -18,13 +18,9 @@ import numpy as np
 from ..checks import pair_inputs, positive_int
 from ..dimensions import resolve_dimensions
 from ..scale import ScoreResult, ScoreScale
-from .bundle import BundleError, verify_bundle
+from .bundle import DECODER_INPUTS, DECODER_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, BundleError, verify_bundle
 from .preprocess import RuntimePreprocessor
 
-VISION_INPUTS = ("pixel_values",)
-VISION_OUTPUTS = ("image_features",)
-DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids", "image_features", "query_positions")
-DECODER_OUTPUTS = ("log_probs", "means")
 # An exporter may prune an input the traced graph never reads (e.g. attention_mask with right
 # padding and causal attention); those are fed only when the graph declares them.
 _OPTIONAL_INPUTS = ("attention_mask", "position_ids")
