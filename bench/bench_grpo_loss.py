@@ -265,9 +265,9 @@ def main(argv=None) -> int:
                     plan.append(("triton", lambda: zk.grpo_token_loss, "public API (validates), default chunking"))
                 else:
                     def factory(c=int(c)):
-                        from zreward_fast.kernels.grpo import GRPOConfig, grpo_token_loss_triton
+                        from zreward_fast.kernels.grpo import GRPOLaunchConfig, grpo_token_loss_triton
 
-                        cfg = GRPOConfig(chunk_rows=c)
+                        cfg = GRPOLaunchConfig(chunk_rows=c)
                         return lambda *a, **k: grpo_token_loss_triton(*a, **k, cfg=cfg)
 
                     plan.append((f"triton-c{int(c)}", factory, f"kernel, chunks of {int(c)} tokens"))
@@ -314,8 +314,8 @@ def main(argv=None) -> int:
             if name.startswith("triton") and gpu:
                 from zreward_fast.kernels import grpo as grpo_mod
 
-                cfg = grpo_mod.GRPOConfig.default(hidden.device) if name == "triton" else \
-                    grpo_mod.GRPOConfig(chunk_rows=int(name[len("triton-c"):]))
+                cfg = grpo_mod.GRPOLaunchConfig.default(hidden.device) if name == "triton" else \
+                    grpo_mod.GRPOLaunchConfig(chunk_rows=int(name[len("triton-c"):]))
                 c = cfg.rows(B * T, V)
                 note.append(f"C={c} ({math.ceil(B * T / c)} chunks), fp32-out logits GEMM: {grpo_mod.FP32_OUT_GEMM}")
         except Exception as e:  # noqa: BLE001 - record the failure (OOM included) and move on

@@ -203,7 +203,7 @@ def main(argv=None) -> int:
                 if impl == "triton":
                     fn = zk.score_head
                 else:
-                    from zreward_fast.kernels.score_head import score_head_triton
+                    from zreward_fast.kernels.fused_score_head import score_head_triton
 
                     fn = score_head_triton
             else:

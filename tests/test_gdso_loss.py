@@ -6,7 +6,7 @@ import torch
 
 import zreward_fast.kernels as zk
 from zreward_fast import reference
-from zreward_fast.kernels.gdso import GDSOConfig, gdso_loss_triton
+from zreward_fast.kernels.gdso import GDSOLaunchConfig, gdso_loss_triton
 from zreward_fast.scale import ScoreScale
 
 FIELDS = ("loss", "loss_pt", "loss_pw", "rewards", "advantages", "mean")
@@ -181,7 +181,7 @@ def test_small_reduction_blocks():
     # The mean over P runs in several steps of the reduction loop; several backward programs.
     z, t, lv = make_inputs(37, 3, 7, levels=UNEVEN)
     w = upstream()
-    cfg = GDSOConfig(num_warps=2, block_p=16, bwd_block=64, bwd_num_warps=2)
+    cfg = GDSOLaunchConfig(num_warps=2, block_p=16, bwd_block=64, bwd_num_warps=2)
     out, grad = run(lambda *a, **k: gdso_loss_triton(*a, **k, cfg=cfg), z, t, lv, w, **HP)
     out_ref, grad_ref = run(reference.gdso_loss, z, t, lv, w, **HP)
     assert_matches(out, grad, out_ref, grad_ref)

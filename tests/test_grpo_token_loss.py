@@ -9,10 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import zreward_fast.kernels as zk
 from zreward_fast import reference
-from zreward_fast.kernels.grpo import GRPOConfig, grpo_token_loss_triton
+from zreward_fast.kernels.grpo import GRPOLaunchConfig, grpo_token_loss_triton
 
 # Small blocks: several V blocks per row and chunks that do not divide N.
-SMALL = GRPOConfig(chunk_rows=7, block_v=64, num_warps=4)
+SMALL = GRPOLaunchConfig(chunk_rows=7, block_v=64, num_warps=4)
 CLIP = 0.2
 
 
@@ -86,7 +86,7 @@ def test_triton_matches_reference(shape, old, ref, beta, temperature):
 
 def test_small_blocks_and_uneven_chunks():
     inputs = make_inputs(3, 7, 48, 301)
-    for cfg in (SMALL, GRPOConfig(chunk_rows=1, block_v=512, num_warps=4), GRPOConfig(chunk_rows=1000, block_v=16)):
+    for cfg in (SMALL, GRPOLaunchConfig(chunk_rows=1, block_v=512, num_warps=4), GRPOLaunchConfig(chunk_rows=1000, block_v=16)):
         assert_matches(run(grpo_token_loss_triton, *inputs, temperature=0.7, cfg=cfg),
                        run(reference.grpo_token_loss, *inputs, temperature=0.7))
 
@@ -165,8 +165,8 @@ def test_no_grad_and_frozen_head():
 def test_fp32_weight_grad_option_and_determinism():
     inputs = make_inputs(4, 24, 64, 1000)
     out_ref = run(reference.grpo_token_loss, *inputs)
-    a = run(grpo_token_loss_triton, *inputs, cfg=GRPOConfig(chunk_rows=16, block_v=256, fp32_weight_grad=True))
-    b = run(grpo_token_loss_triton, *inputs, cfg=GRPOConfig(chunk_rows=16, block_v=256, fp32_weight_grad=True))
+    a = run(grpo_token_loss_triton, *inputs, cfg=GRPOLaunchConfig(chunk_rows=16, block_v=256, fp32_weight_grad=True))
+    b = run(grpo_token_loss_triton, *inputs, cfg=GRPOLaunchConfig(chunk_rows=16, block_v=256, fp32_weight_grad=True))
     assert_matches(a, out_ref)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -184,12 +184,12 @@ def test_half_inputs_through_interpreter(dtype):
 
 
 def test_chunk_rows_policy():
-    cfg = GRPOConfig()
+    cfg = GRPOLaunchConfig()
     c = cfg.rows(16 * 768, 248320)
     assert c % 128 == 0 and c * 248320 * 4 <= cfg.max_chunk_bytes and (16 * 768) % c == 0
     assert cfg.rows(100, 248320) == 100  # never more rows than tokens
-    assert GRPOConfig(max_chunk_bytes=1000 * 4 * 1000).rows(5000, 1000) == 896  # 2 balanced chunks of <= 1000
-    assert GRPOConfig(chunk_rows=7).rows(3, 10) == 3
+    assert GRPOLaunchConfig(max_chunk_bytes=1000 * 4 * 1000).rows(5000, 1000) == 896  # 2 balanced chunks of <= 1000
+    assert GRPOLaunchConfig(chunk_rows=7).rows(3, 10) == 3
 
 
 # ---------------------------------------------------------------------------- memory: no [B*T, V]
@@ -223,7 +223,7 @@ def test_fused_path_never_allocates_full_logits():
     B, T, H, V = 8, 40, 32, 500  # N = 320 tokens, chunks of 16 rows
     inputs = make_inputs(B, T, H, V)
     C = 16
-    biggest, sizes = _largest(grpo_token_loss_triton, inputs, cfg=GRPOConfig(chunk_rows=C, block_v=256))
+    biggest, sizes = _largest(grpo_token_loss_triton, inputs, cfg=GRPOLaunchConfig(chunk_rows=C, block_v=256))
     full = B * T * V * 4  # the fp32 [B*T, V] logits
     assert biggest[2] < full / 4, f"a [B*T, V]-sized tensor was created: {biggest}"
     assert biggest[2] <= 4 * max(C * V, V * H, B * T * H), biggest  # chunk block, LM head grad, hidden grad
@@ -311,7 +311,7 @@ def test_gpu_bf16_matches_reference(shape, fp32_weight_grad):
     up = [t.detach().float().requires_grad_() for t in inputs[:2]]
     out_ref = run(reference.grpo_token_loss, *up, *inputs[2:], temperature=0.7)
     B, T = shape[:2]
-    cfg = GRPOConfig(chunk_rows=1000 if B * T > 1000 else 64, fp32_weight_grad=fp32_weight_grad)  # uneven chunks
+    cfg = GRPOLaunchConfig(chunk_rows=1000 if B * T > 1000 else 64, fp32_weight_grad=fp32_weight_grad)  # uneven chunks
     out = run(zk._grpo_kernels.grpo_token_loss_triton, *inputs, temperature=0.7, cfg=cfg)
     assert out[2].dtype == out[3].dtype == torch.bfloat16
     assert abs(out[0].item() - out_ref[0].item()) < 2e-3
@@ -337,7 +337,7 @@ def test_gpu_peak_memory_stays_chunk_sized():
     _compiled_triton_or_skip()
     B, T, H, V = 8, 512, 1024, 32000
     inputs = make_inputs(B, T, H, V, dtype=torch.bfloat16, device="cuda")
-    cfg = GRPOConfig(chunk_rows=512)
+    cfg = GRPOLaunchConfig(chunk_rows=512)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

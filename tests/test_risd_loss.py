@@ -8,10 +8,11 @@ import torch
 
 import zreward_fast.kernels as zk
 from zreward_fast import reference
-from zreward_fast.kernels.risd import RISDConfig, risd_loss_triton
+from zreward_fast.kernels.risd import risd_loss_triton
+from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
 
 # Small blocks: several programs along N and H (and two weight-grad splits) at test shapes.
-SMALL = RISDConfig(block_n=16, block_h=32, dw_block_n=16, dw_block_h=32, n_split=2)
+SMALL = ScoreRowsLaunchConfig(block_n=16, block_h=32, dw_block_n=16, dw_block_h=32, n_split=2)
 REDUCTIONS = ("mean", "sum", "none")
 
 

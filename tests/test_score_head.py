@@ -8,11 +8,12 @@ import torch
 
 import zreward_fast.kernels as zk
 from zreward_fast import reference
-from zreward_fast.kernels.score_head import ScoreHeadConfig, score_head_triton
+from zreward_fast.kernels.fused_score_head import score_head_triton
+from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
 
 FIELDS = ("logits", "log_probs", "probs", "mean", "var", "entropy")
 # Small blocks: several programs along N and H (and two weight-grad splits) at test shapes.
-SMALL = ScoreHeadConfig(block_n=16, block_h=32, dw_block_n=16, dw_block_h=32, n_split=2)
+SMALL = ScoreRowsLaunchConfig(block_n=16, block_h=32, dw_block_n=16, dw_block_h=32, n_split=2)
 
 
 def make_inputs(n, h, v, k, *, bias=True, dtype=torch.float32, device="cpu", seed=0):
@@ -283,3 +284,13 @@ def test_gpu_compiled_reference_matches_eager():
         torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
     for a, b in zip(g_c, g_e):
         assert _rel_err(a, b) < 2e-2
+
+
+def test_no_kernel_module_shadows_a_public_function():
+    import importlib
+    import types
+
+    for name in ("fused_score_head", "score_rows", "utils", "gdso", "grpo", "risd"):
+        importlib.import_module(f"zreward_fast.kernels.{name}")
+    for fn in zk.__all__:
+        assert not isinstance(getattr(zk, fn), types.ModuleType), fn

@@ -246,7 +246,7 @@ def _head_impl(device: torch.device) -> Callable:
     from ..kernels import use_triton
 
     if use_triton(device):
-        from zreward_fast.kernels.score_head import score_head_triton
+        from zreward_fast.kernels.fused_score_head import score_head_triton
 
         return score_head_triton
     from ..reference import score_head

@@ -1,14 +1,12 @@
 """Fused kernels with validation and dispatch.
 
-One file per op (`score_head.py`, ...), each holding its Triton kernels, drivers and autograd
-Function. The public functions here validate at the boundary, then run the Triton path when the
-tensors are on a CUDA device or when `TRITON_INTERPRET=1` (CPU tests), and the torch reference
-(`zreward_fast.reference`) otherwise. Without Triton the package still imports (reference only).
-
-The kernel modules are imported here, before the public functions are defined: importing a
-submodule sets the package attribute of the same name, and `score_head` must stay the function.
-Reach the module with `from zreward_fast.kernels.score_head import ...` (or sys.modules); an
-`import zreward_fast.kernels.score_head as m` resolves to the function.
+One file per op (`fused_score_head.py`, `gdso.py`, `grpo.py`, `risd.py`), each holding its Triton
+kernels, forward and backward drivers and autograd Function; `score_rows.py` holds what the score
+head and RISD share, `utils.py` what all of them do. The public functions here validate at the
+boundary, then run the Triton path when the tensors are on a CUDA device or when
+`TRITON_INTERPRET=1` (CPU tests), and the torch reference (`zreward_fast.reference`) otherwise.
+Without Triton the package still imports (reference only). No kernel module is named like a public
+function, so importing one never replaces the function on the package.
 """
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ __all__ = ["GDSOOutput", "ScoreHeadOutput", "gdso_loss", "grpo_token_loss", "ris
 
 try:
     # triton.jit fixes interpreter-or-GPU mode here, at first import of the kernel module.
-    from . import score_head as _score_head_kernels
+    from . import fused_score_head as _score_head_kernels
 except ImportError:  # no triton: the torch reference serves everything
     _score_head_kernels = None
 _HAS_TRITON = _score_head_kernels is not None

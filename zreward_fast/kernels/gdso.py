@@ -36,7 +36,6 @@ All math is fp32; loaded blocks are cast to fp32 (the interpreter has no bf16 ar
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +44,9 @@ import triton.language as tl
 
 from .. import reference
 from ..reference import GDSOOutput
+from .utils import INTERPRET, block_k, interp_cast
 
-__all__ = ["GDSOConfig", "GDSOFunction", "gdso_loss_triton", "INTERPRET", "MAX_G"]
-
-# triton.jit picks the interpreter at decoration time, i.e. when this module is imported.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = ["GDSOLaunchConfig", "GDSOFunction", "gdso_fwd", "gdso_bwd", "gdso_loss_triton", "INTERPRET", "MAX_G"]
 
 # One program holds a [BLOCK_G, BLOCK_G] pairwise tile per side in registers; past this G the
 # tile no longer fits and the driver falls back to the torch reference (same results).
@@ -230,7 +227,7 @@ def _gdso_bwd_kernel(
 
 
 @dataclass(frozen=True)
-class GDSOConfig:
+class GDSOLaunchConfig:
     """Launch parameters; None: picked from the tile sizes."""
 
     num_warps: int | None = None  # forward kernel
@@ -245,9 +242,59 @@ def _fwd_num_warps(block_g: int, block_k: int) -> int:
     return 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 4096 else 8
 
 
-def _interp_cast(t: torch.Tensor) -> torch.Tensor:
-    # The interpreter cannot do bf16/fp16 arithmetic: feed it fp32 copies (CPU tests only).
-    return t.float() if INTERPRET and t.dtype != torch.float32 else t
+def gdso_fwd(z: torch.Tensor, t: torch.Tensor, levels: torch.Tensor, alpha_pt: float, alpha_pw: float,
+             lambda_pt: float, lambda_pw: float, eps: float, cfg: GDSOLaunchConfig, need_grad: bool,
+             ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """Launch the forward and reduction kernels: ((loss, loss_pt, loss_pw, rewards, advantages,
+    mean), d_pt, d_pw), the last two the per-instance gradients w.r.t. the logits ([0] unless
+    need_grad). Inputs validated, fp32 (or cast for the interpreter)."""
+    P, _, G, K = z.shape
+    f32 = dict(device=z.device, dtype=torch.float32)
+    mean, rewards, advantages = (torch.empty(P, 2, G, **f32) for _ in range(3))
+    l_pt, l_pw = torch.empty(P, **f32), torch.empty(P, **f32)
+    # Per-instance gradients only when a backward can follow (not for rewards-only calls).
+    gshape = (P, 2, G, K) if need_grad else (0,)
+    d_pt, d_pw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
+    loss, loss_pt, loss_pw = (torch.empty((), **f32) for _ in range(3))
+    block_g = max(2, triton.next_power_of_2(G))
+    bk = block_k(K)
+    _gdso_fwd_kernel[(P,)](
+        z, t, levels,
+        mean, rewards, advantages, l_pt, l_pw, d_pt, d_pw,
+        G, K,
+        *z.stride(), *t.stride(),
+        float(lambda_pt), float(lambda_pw), float(eps),
+        COMPUTE_GRAD=need_grad,
+        BLOCK_G=block_g, BLOCK_K=bk,
+        num_warps=cfg.num_warps or _fwd_num_warps(block_g, bk),
+    )
+    _gdso_reduce_kernel[(1,)](
+        l_pt, l_pw, loss, loss_pt, loss_pw,
+        P,
+        float(alpha_pt), float(alpha_pw),
+        BLOCK_P=min(cfg.block_p, max(16, triton.next_power_of_2(P))),
+        num_warps=4,
+    )
+    return (loss, loss_pt, loss_pw, rewards, advantages, mean), d_pt, d_pw
+
+
+def gdso_bwd(d_pt: torch.Tensor, d_pw: torch.Tensor, grads: tuple[torch.Tensor | None, ...],
+             alphas: tuple[float, float], out_dtype: torch.dtype, cfg: GDSOLaunchConfig) -> torch.Tensor:
+    """Launch the backward kernel: grad of the logits [P, 2, G, K] in out_dtype from the upstream
+    grads of (loss, loss_pt, loss_pw), any of them None."""
+    P = d_pt.shape[0]
+    n = d_pt.numel()
+    grad = torch.empty(d_pt.shape, device=d_pt.device, dtype=torch.float32 if INTERPRET else out_dtype)
+    gs = [None if g is None else g.to(torch.float32) for g in grads]
+    _gdso_bwd_kernel[(triton.cdiv(n, cfg.bwd_block),)](
+        d_pt, d_pw, *(g if g is not None else d_pt for g in gs), grad,
+        n, P,
+        *alphas,
+        *(g is not None for g in gs),
+        BLOCK=cfg.bwd_block,
+        num_warps=cfg.bwd_num_warps,
+    )
+    return grad if grad.dtype == out_dtype else grad.to(out_dtype)  # interpreter only: it computed in fp32
 
 
 class GDSOFunction(torch.autograd.Function):
@@ -255,42 +302,15 @@ class GDSOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, score_logits, targets, levels, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps, cfg, need_grad):  # type: ignore[override]
-        z, t = _interp_cast(score_logits), _interp_cast(targets)
-        P, _, G, K = z.shape
-        dev = z.device
-        f32 = dict(device=dev, dtype=torch.float32)
-        mean, rewards, advantages = (torch.empty(P, 2, G, **f32) for _ in range(3))
-        l_pt, l_pw = torch.empty(P, **f32), torch.empty(P, **f32)
-        # Per-instance gradients only when a backward can follow (not for rewards-only calls).
-        gshape = (P, 2, G, K) if need_grad else (0,)
-        d_pt, d_pw = torch.empty(gshape, **f32), torch.empty(gshape, **f32)
-        loss, loss_pt, loss_pw = (torch.empty((), **f32) for _ in range(3))
-        block_g = max(2, triton.next_power_of_2(G))
-        block_k = max(16, triton.next_power_of_2(K))
-        _gdso_fwd_kernel[(P,)](
-            z, t, levels,
-            mean, rewards, advantages, l_pt, l_pw, d_pt, d_pw,
-            G, K,
-            *z.stride(), *t.stride(),
-            float(lambda_pt), float(lambda_pw), float(eps),
-            COMPUTE_GRAD=need_grad,
-            BLOCK_G=block_g, BLOCK_K=block_k,
-            num_warps=cfg.num_warps or _fwd_num_warps(block_g, block_k),
-        )
-        _gdso_reduce_kernel[(1,)](
-            l_pt, l_pw, loss, loss_pt, loss_pw,
-            P,
-            float(alpha_pt), float(alpha_pw),
-            BLOCK_P=min(cfg.block_p, max(16, triton.next_power_of_2(P))),
-            num_warps=4,
-        )
+        out, d_pt, d_pw = gdso_fwd(interp_cast(score_logits), interp_cast(targets), levels, alpha_pt, alpha_pw,
+                                   lambda_pt, lambda_pw, eps, cfg, need_grad)
         ctx.save_for_backward(d_pt, d_pw)
         ctx.alphas = (float(alpha_pt), float(alpha_pw))
         ctx.in_dtype = score_logits.dtype
         ctx.cfg = cfg
-        ctx.mark_non_differentiable(rewards, advantages, mean)
+        ctx.mark_non_differentiable(*out[3:])  # rewards, advantages, mean
         ctx.set_materialize_grads(False)  # absent grads stay None: the kernel skips their terms
-        return loss, loss_pt, loss_pw, rewards, advantages, mean
+        return out
 
     @staticmethod
     def backward(ctx, g_loss, g_loss_pt, g_loss_pw, *_):  # type: ignore[override]
@@ -298,23 +318,7 @@ class GDSOFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0] or ctx.saved_tensors[0].numel() == 0 or all(g is None for g in (g_loss, g_loss_pt, g_loss_pw)):
             return (None,) + none
         d_pt, d_pw = ctx.saved_tensors
-        cfg = ctx.cfg
-        P = d_pt.shape[0]
-        n = d_pt.numel()
-        out_dtype = torch.float32 if INTERPRET else ctx.in_dtype
-        grad = torch.empty(d_pt.shape, device=d_pt.device, dtype=out_dtype)
-        gs = [None if g is None else g.to(torch.float32) for g in (g_loss, g_loss_pt, g_loss_pw)]
-        _gdso_bwd_kernel[(triton.cdiv(n, cfg.bwd_block),)](
-            d_pt, d_pw, *(g if g is not None else d_pt for g in gs), grad,
-            n, P,
-            *ctx.alphas,
-            *(g is not None for g in gs),
-            BLOCK=cfg.bwd_block,
-            num_warps=cfg.bwd_num_warps,
-        )
-        if grad.dtype != ctx.in_dtype:  # interpreter only: it computed in fp32
-            grad = grad.to(ctx.in_dtype)
-        return (grad,) + none
+        return (gdso_bwd(d_pt, d_pw, (g_loss, g_loss_pt, g_loss_pw), ctx.alphas, ctx.in_dtype, ctx.cfg),) + none
 
 
 def gdso_loss_triton(
@@ -326,7 +330,7 @@ def gdso_loss_triton(
     lambda_pt: float = 0.5,
     lambda_pw: float = 0.5,
     eps: float = 1e-4,
-    cfg: GDSOConfig | None = None,
+    cfg: GDSOLaunchConfig | None = None,
 ) -> GDSOOutput:
     """Triton path, no validation (the public `zreward_fast.kernels.gdso_loss` validates).
 
@@ -351,6 +355,6 @@ def gdso_loss_triton(
         return reference.gdso_loss(score_logits, targets, lv, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps)
     need_grad = score_logits.requires_grad and torch.is_grad_enabled()
     out = GDSOFunction.apply(
-        score_logits, targets, lv, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps, cfg or GDSOConfig(), need_grad
+        score_logits, targets, lv, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps, cfg or GDSOLaunchConfig(), need_grad
     )
     return GDSOOutput(*out)

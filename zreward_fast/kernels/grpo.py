@@ -36,7 +36,7 @@ chunks of C rows; per chunk:
      c_n = 0 (masked tokens) only write zeros;
   3. grad_h[chunk] = dlogits @ W and grad_W += dlogits^T @ h_chunk (cuBLAS, fp32 accumulation
      inside each GEMM; grad_W is accumulated across chunks in the weight's dtype by default, in
-     fp32 with `GRPOConfig(fp32_weight_grad=True)`).
+     fp32 with `GRPOLaunchConfig(fp32_weight_grad=True)`).
 The gradients are therefore computed in the forward; backward only scales them by the upstream
 grad of the loss. Nothing of shape [B*T, V] is ever allocated, only [C, V]. token_logprobs
 (all positions, masked ones too) carry no gradient.
@@ -46,17 +46,15 @@ All math is fp32; loaded blocks are cast to fp32 (the interpreter has no bf16 ar
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["GRPOConfig", "GRPOTokenLossFunction", "grpo_token_loss_triton", "INTERPRET"]
+from .utils import INTERPRET, interp_cast
 
-# triton.jit picks the interpreter at decoration time, i.e. when this module is imported.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = ["GRPOLaunchConfig", "GRPOTokenLossFunction", "grpo_token_loss_triton", "INTERPRET"]
 
 
 @triton.jit
@@ -136,7 +134,7 @@ def _grpo_chunk_kernel(
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
+class GRPOLaunchConfig:
     """Chunking and launch parameters. Defaults: GPU-sized; small in the interpreter (tests).
 
     chunk_rows: tokens per chunk C (None: the most that keep the fp32 [C, V] logits block within
@@ -154,10 +152,10 @@ class GRPOConfig:
     fp32_weight_grad: bool = False
 
     @staticmethod
-    def default(device: torch.device) -> "GRPOConfig":
+    def default(device: torch.device) -> "GRPOLaunchConfig":
         if INTERPRET or device.type != "cuda":
-            return GRPOConfig(chunk_rows=32, block_v=512, num_warps=4)
-        return GRPOConfig()
+            return GRPOLaunchConfig(chunk_rows=32, block_v=512, num_warps=4)
+        return GRPOLaunchConfig()
 
     def rows(self, n: int, v: int) -> int:
         """Chunk size C for N tokens and a vocabulary of V."""
@@ -211,11 +209,6 @@ def _addmm_fp32_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: 
     acc.copy_(prod) if first else acc.add_(prod)
 
 
-def _interp_cast(t: torch.Tensor) -> torch.Tensor:
-    # The interpreter cannot do bf16/fp16 arithmetic: feed it fp32 copies (CPU tests only).
-    return t.float() if INTERPRET and t.dtype != torch.float32 else t
-
-
 def grpo_fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -227,7 +220,7 @@ def grpo_fused(
     clip_eps: float,
     beta: float,
     temperature: float,
-    cfg: GRPOConfig,
+    cfg: GRPOLaunchConfig,
     need_hidden: bool,
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -248,8 +241,8 @@ def grpo_fused(
         gw = torch.zeros_like(weight) if need_weight else None
         return loss, lp.view(B, T), gh, gw
 
-    h2 = _interp_cast(hidden.reshape(N, H))
-    w = _interp_cast(weight)
+    h2 = interp_cast(hidden.reshape(N, H))
+    w = interp_cast(weight)
     cd = torch.promote_types(h2.dtype, w.dtype)  # GEMM dtype (cuBLAS wants one dtype)
     h2, w = h2.to(cd), w.to(cd)
 
@@ -351,13 +344,13 @@ def grpo_token_loss_triton(
     clip_eps: float = 0.2,
     beta: float = 0.04,
     temperature: float = 1.0,
-    cfg: GRPOConfig | None = None,
+    cfg: GRPOLaunchConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton path, no validation (the public `zreward_fast.kernels.grpo_token_loss` validates).
 
     Returns (loss [] fp32, token_logprobs [B, T] fp32, no gradient).
     """
-    cfg = cfg or GRPOConfig.default(hidden.device)
+    cfg = cfg or GRPOLaunchConfig.default(hidden.device)
     return GRPOTokenLossFunction.apply(
         hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs,
         float(clip_eps), float(beta), float(temperature), cfg, torch.is_grad_enabled(),

@@ -28,20 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .score_head import (
-    INTERPRET,
-    ScoreHeadConfig,
-    _block_k,
-    _dot_precision,
-    _interp_cast,
-    _n_split,
-    _score_head_bwd_dw_kernel,
+from .score_rows import (
+    ScoreRowsLaunchConfig, masked_log_softmax, score_row_logits, store_grad_hidden, weight_grad_partials,
 )
+from .utils import INTERPRET, block_k, dot_precision, interp_cast
 
-__all__ = ["RISDConfig", "RISDLossFunction", "risd_loss_triton", "INTERPRET"]
-
-# Same launch parameters as the score head (same gather, same matmul shapes).
-RISDConfig = ScoreHeadConfig
+__all__ = ["RISDLossFunction", "risd_fwd", "risd_bwd", "risd_loss_triton", "INTERPRET"]
 
 # Smallest normal fp32: log() of it is finite even where the GPU flushes denormals to zero.
 _FLT_MIN = 1.1754943508222875e-38
@@ -70,29 +62,10 @@ def _risd_fwd_kernel(
     # Row index of each score token in the LM head; padded columns read row 0, masked anyway.
     b_ids = tl.load(token_ids + o_k, mask=m_k, other=0).to(tl.int64)
 
-    b_z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for i_h in range(0, tl.cdiv(H, BLOCK_H)):
-        o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        m_h = o_h < H
-        p_h = hidden + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh
-        b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-        # W_K^T block [BLOCK_H, BLOCK_K], gathered straight from the full head.
-        p_w = weight + b_ids[None, :] * stride_wv + o_h[:, None] * stride_wh
-        b_w = tl.load(p_w, mask=m_k[None, :] & m_h[:, None], other=0.0).to(tl.float32)
-        b_z += tl.dot(b_h, b_w, input_precision=DOT_PRECISION)
-
-    if HAS_BIAS:
-        b_b = tl.load(bias + b_ids, mask=m_k, other=0.0).to(tl.float32)
-        b_z += b_b[None, :]
-    b_z = b_z / temperature
-
-    # Student log-softmax; padded columns get -inf so they carry no probability mass.
-    b_zm = tl.where(m_k[None, :], b_z, float("-inf"))
-    b_max = tl.max(b_zm, axis=1)
-    b_e = tl.exp(b_zm - b_max[:, None])
-    b_sum = tl.sum(b_e, axis=1)
-    b_logqs = b_zm - b_max[:, None] - tl.log(b_sum)[:, None]
-    b_qs = b_e / b_sum[:, None]
+    b_z = score_row_logits(hidden, weight, bias, b_ids, o_n, m_n, m_k, H, stride_hn, stride_hh, stride_wv, stride_wh,
+                           temperature, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_H)
+    # Student log-softmax; padded columns carry no probability mass.
+    b_logqs, b_qs = masked_log_softmax(b_z, m_k)
 
     # Teacher: padded/out-of-range entries load 0, and 0 log 0 = 0 by the where(). Padded
     # columns use log qS = 0 instead of -inf, so no branch ever forms 0 * inf.
@@ -137,14 +110,8 @@ def _risd_bwd_dh_kernel(
 
     if COMPUTE_DH:
         b_ids = tl.load(token_ids + o_k, mask=m_k, other=0).to(tl.int64)
-        for i_h in range(0, tl.cdiv(H, BLOCK_H)):
-            o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-            m_h = o_h < H
-            p_w = weight + b_ids[:, None] * stride_wv + o_h[None, :] * stride_wh
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-            b_dh = tl.dot(b_d, b_w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
-            p_dh = grad_hidden + o_n[:, None].to(tl.int64) * H + o_h[None, :]
-            tl.store(p_dh, b_dh.to(grad_hidden.dtype.element_ty), mask=m_n[:, None] & m_h[None, :])
+        store_grad_hidden(b_d, weight, b_ids, grad_hidden, o_n, m_n, m_k, H, stride_wv, stride_wh,
+                          DOT_PRECISION, BLOCK_H)
 
 
 @triton.jit
@@ -189,11 +156,11 @@ def risd_fwd(
     teacher_probs: torch.Tensor,
     bias: torch.Tensor | None,
     temperature: float,
-    cfg: ScoreHeadConfig,
+    cfg: ScoreRowsLaunchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel: (KL per row [N] fp32, d_raw [N, K] fp32). Inputs validated."""
-    hidden, weight = _interp_cast(hidden), _interp_cast(weight)
-    bias, teacher_probs = _interp_cast(bias), _interp_cast(teacher_probs)
+    hidden, weight = interp_cast(hidden), interp_cast(weight)
+    bias, teacher_probs = interp_cast(bias), interp_cast(teacher_probs)
     n, h = hidden.shape
     k = token_ids.shape[0]
     dev = hidden.device
@@ -211,8 +178,8 @@ def risd_fwd(
         float(temperature),
         FLT_MIN=_FLT_MIN,
         HAS_BIAS=bias is not None,
-        DOT_PRECISION=_dot_precision(hidden, weight),
-        BLOCK_N=cfg.block_n, BLOCK_K=_block_k(k), BLOCK_H=cfg.block_h,
+        DOT_PRECISION=dot_precision(hidden, weight),
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k(k), BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return kl, d_raw
@@ -226,7 +193,7 @@ def risd_bwd(
     grad_out: torch.Tensor,
     g_scale: float,
     bias_meta: tuple[torch.Size, torch.dtype] | None,
-    cfg: ScoreHeadConfig,
+    cfg: ScoreRowsLaunchConfig,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
@@ -237,7 +204,7 @@ def risd_bwd(
     Rows of the weight/bias grads outside token_ids are exactly zero.
     """
     hidden_dtype, weight_dtype = hidden.dtype, weight.dtype
-    hidden, weight = _interp_cast(hidden), _interp_cast(weight)
+    hidden, weight = interp_cast(hidden), interp_cast(weight)
     n, h = hidden.shape
     v = weight.shape[0]
     k = token_ids.shape[0]
@@ -255,8 +222,8 @@ def risd_bwd(
                 t.zero_()
     else:
         ids = token_ids.contiguous()
-        prec = _dot_precision(hidden, weight)
-        block_k = _block_k(k)
+        prec = dot_precision(hidden, weight)
+        bk = block_k(k)
         g = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
         stride_g = 0 if g.dim() == 0 else g.stride(0)
         d = torch.empty(n, k, device=dev, dtype=torch.float32)
@@ -267,25 +234,11 @@ def risd_bwd(
             float(g_scale),
             COMPUTE_DH=need_hidden,
             DOT_PRECISION=prec,
-            BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_H=cfg.block_h,
+            BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_H=cfg.block_h,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if need_weight or need_bias:
-            splits = _n_split(cfg, n, h, dev)
-            rows = triton.cdiv(triton.cdiv(n, splits), cfg.dw_block_n) * cfg.dw_block_n
-            splits = triton.cdiv(n, rows)  # no empty splits
-            w_part = torch.empty(splits, k, h, device=dev, dtype=torch.float32)
-            b_part = torch.empty(splits, k, device=dev, dtype=torch.float32)
-            _score_head_bwd_dw_kernel[(triton.cdiv(h, cfg.dw_block_h), splits)](
-                hidden, d, w_part, b_part,
-                n, h, k,
-                hidden.stride(0), hidden.stride(1),
-                rows,
-                COMPUTE_DB=need_bias,
-                DOT_PRECISION=prec,
-                BLOCK_N=cfg.dw_block_n, BLOCK_K=block_k, BLOCK_H=cfg.dw_block_h,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
+            w_part, b_part, splits = weight_grad_partials(hidden, d, cfg, need_bias, prec, bk)
             _risd_scatter_rows_kernel[(k, triton.cdiv(h, _SCATTER_BLOCK_H))](
                 w_part, b_part, ids,
                 grad_w if grad_w is not None else w_part, grad_b if grad_b is not None else b_part,
@@ -343,7 +296,7 @@ def risd_loss_triton(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     reduction: str = "mean",
-    cfg: ScoreHeadConfig | None = None,
+    cfg: ScoreRowsLaunchConfig | None = None,
 ) -> torch.Tensor:
     """Triton path, no validation (the public `zreward_fast.kernels.risd_loss` validates).
 
@@ -352,5 +305,5 @@ def risd_loss_triton(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    cfg = cfg or ScoreHeadConfig.default(hidden.device)
+    cfg = cfg or ScoreRowsLaunchConfig.default(hidden.device)
     return RISDLossFunction.apply(hidden, weight, token_ids, teacher_probs, bias, float(temperature), reduction, cfg)

@@ -19,20 +19,17 @@ All math is fp32; loaded blocks are cast to fp32 (the interpreter has no bf16 ar
 """
 from __future__ import annotations
 
-import functools
-import os
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ..reference import ScoreHeadOutput
+from .score_rows import (
+    ScoreRowsLaunchConfig, masked_log_softmax, score_row_logits, store_grad_hidden, weight_grad_partials,
+)
+from .utils import INTERPRET, block_k, dot_precision, interp_cast
 
-__all__ = ["ScoreHeadConfig", "ScoreHeadFunction", "score_head_triton", "INTERPRET"]
-
-# triton.jit picks the interpreter at decoration time, i.e. when this module is imported.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = ["ScoreHeadFunction", "score_head_fwd", "score_head_bwd", "score_head_triton", "INTERPRET"]
 
 
 @triton.jit
@@ -56,29 +53,10 @@ def _score_head_fwd_kernel(
     # Row index of each score token in the LM head; padded columns read row 0, masked anyway.
     b_ids = tl.load(token_ids + o_k, mask=m_k, other=0).to(tl.int64)
 
-    b_z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for i_h in range(0, tl.cdiv(H, BLOCK_H)):
-        o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        m_h = o_h < H
-        p_h = hidden + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh
-        b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-        # W_K^T block [BLOCK_H, BLOCK_K], gathered straight from the full head.
-        p_w = weight + b_ids[None, :] * stride_wv + o_h[:, None] * stride_wh
-        b_w = tl.load(p_w, mask=m_k[None, :] & m_h[:, None], other=0.0).to(tl.float32)
-        b_z += tl.dot(b_h, b_w, input_precision=DOT_PRECISION)
-
-    if HAS_BIAS:
-        b_b = tl.load(bias + b_ids, mask=m_k, other=0.0).to(tl.float32)
-        b_z += b_b[None, :]
-    b_z = b_z / temperature
-
-    # Padded columns get -inf so they carry no probability mass.
-    b_zm = tl.where(m_k[None, :], b_z, float("-inf"))
-    b_max = tl.max(b_zm, axis=1)
-    b_e = tl.exp(b_zm - b_max[:, None])
-    b_sum = tl.sum(b_e, axis=1)
-    b_logp = b_zm - b_max[:, None] - tl.log(b_sum)[:, None]
-    b_p = b_e / b_sum[:, None]
+    b_z = score_row_logits(hidden, weight, bias, b_ids, o_n, m_n, m_k, H, stride_hn, stride_hh, stride_wv, stride_wh,
+                           temperature, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_H)
+    # Padded columns carry no probability mass.
+    b_logp, b_p = masked_log_softmax(b_z, m_k)
 
     b_s = tl.load(levels + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_mean = tl.sum(b_p * b_s[None, :], axis=1)
@@ -159,107 +137,8 @@ def _score_head_bwd_dz_dh_kernel(
 
     if COMPUTE_DH:
         b_ids = tl.load(token_ids + o_k, mask=m_k, other=0).to(tl.int64)
-        for i_h in range(0, tl.cdiv(H, BLOCK_H)):
-            o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-            m_h = o_h < H
-            p_w = weight + b_ids[:, None] * stride_wv + o_h[None, :] * stride_wh
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-            b_dh = tl.dot(b_draw, b_w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
-            p_dh = grad_hidden + o_n[:, None].to(tl.int64) * H + o_h[None, :]
-            tl.store(p_dh, b_dh.to(grad_hidden.dtype.element_ty), mask=m_n[:, None] & m_h[None, :])
-
-
-@triton.jit
-def _score_head_bwd_dw_kernel(
-    hidden, d_raw, grad_w_part, grad_b_part,
-    N, H, K,
-    stride_hn, stride_hh,
-    ROWS_PER_SPLIT,
-    COMPUTE_DB: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    # Program (i_h, i_s) owns columns [i_h*BLOCK_H, ...) of W_K's grad for rows of split i_s:
-    # each output element is written by exactly one program, in a fixed order.
-    i_h, i_s = tl.program_id(0), tl.program_id(1)
-    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_k = tl.arange(0, BLOCK_K)
-    m_h = o_h < H
-    m_k = o_k < K
-    n_start = i_s * ROWS_PER_SPLIT
-    b_dw = tl.zeros([BLOCK_K, BLOCK_H], dtype=tl.float32)
-    b_db = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for i_n in range(0, tl.cdiv(ROWS_PER_SPLIT, BLOCK_N)):
-        o_n = n_start + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = (o_n < N) & (o_n < n_start + ROWS_PER_SPLIT)
-        # d_raw^T block [BLOCK_K, BLOCK_N], read transposed through the pointers.
-        p_dt = d_raw + o_n[None, :].to(tl.int64) * K + o_k[:, None]
-        b_dt = tl.load(p_dt, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        p_h = hidden + o_n[:, None].to(tl.int64) * stride_hn + o_h[None, :] * stride_hh
-        b_h = tl.load(p_h, mask=m_n[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-        b_dw += tl.dot(b_dt, b_h, input_precision=DOT_PRECISION)
-        if COMPUTE_DB:
-            b_db += tl.sum(b_dt, axis=1)
-    o_part = i_s.to(tl.int64) * K * H
-    p_dw = grad_w_part + o_part + o_k[:, None] * H + o_h[None, :]
-    tl.store(p_dw, b_dw, mask=m_k[:, None] & m_h[None, :])
-    if COMPUTE_DB:
-        # Every H block computes the same bias sums; only the first one stores them.
-        if i_h == 0:
-            tl.store(grad_b_part + i_s * K + o_k, b_db, mask=m_k)
-
-
-@dataclass(frozen=True)
-class ScoreHeadConfig:
-    """Launch parameters. Defaults: GPU-sized blocks; smaller in the interpreter (tests)."""
-
-    block_n: int = 32  # rows per program (tl.dot needs >= 16)
-    block_h: int = 64  # hidden chunk per loop step (>= 16)
-    dw_block_n: int = 64  # rows per loop step of the weight-grad kernel
-    dw_block_h: int = 64  # hidden columns per weight-grad program
-    n_split: int | None = None  # N splits of the weight-grad reduction; None: fill the GPU
-    num_warps: int = 4
-    num_stages: int = 3
-
-    @staticmethod
-    def default(device: torch.device) -> "ScoreHeadConfig":
-        if INTERPRET or device.type != "cuda":
-            return ScoreHeadConfig(block_n=32, block_h=64, dw_block_n=32, dw_block_h=64, n_split=2)
-        return ScoreHeadConfig()
-
-
-def _block_k(k: int) -> int:
-    # tl.dot needs every side >= 16; the softmax masks the padding.
-    return max(16, triton.next_power_of_2(k))
-
-
-def _dot_precision(*tensors: torch.Tensor | None) -> str:
-    # fp32 inputs keep full fp32 products; bf16/fp16 values are exact in tf32, so tensor cores
-    # give the same products with fp32 accumulation.
-    return "ieee" if any(t is not None and t.dtype == torch.float32 for t in tensors) else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-def _n_split(cfg: ScoreHeadConfig, n: int, h: int, device: torch.device) -> int:
-    # Split N so that the weight-grad grid (H blocks x splits) covers ~2 programs per SM.
-    n_blocks = triton.cdiv(n, cfg.dw_block_n)
-    if cfg.n_split is not None:
-        return max(1, min(cfg.n_split, n_blocks))
-    h_blocks = triton.cdiv(h, cfg.dw_block_h)
-    return max(1, min(n_blocks, triton.cdiv(2 * _num_sms(device), h_blocks)))
-
-
-def _interp_cast(t: torch.Tensor | None) -> torch.Tensor | None:
-    # The interpreter cannot do bf16/fp16 arithmetic: feed it fp32 copies (CPU tests only).
-    if INTERPRET and t is not None and t.dtype != torch.float32:
-        return t.float()
-    return t
+        store_grad_hidden(b_draw, weight, b_ids, grad_hidden, o_n, m_n, m_k, H, stride_wv, stride_wh,
+                          DOT_PRECISION, BLOCK_H)
 
 
 def score_head_fwd(
@@ -269,10 +148,10 @@ def score_head_fwd(
     levels: torch.Tensor,
     bias: torch.Tensor | None,
     temperature: float,
-    cfg: ScoreHeadConfig,
+    cfg: ScoreRowsLaunchConfig,
 ) -> ScoreHeadOutput:
     """Launch the forward kernel. Inputs validated; levels fp32 [K] on the same device."""
-    hidden, weight, bias = _interp_cast(hidden), _interp_cast(weight), _interp_cast(bias)
+    hidden, weight, bias = interp_cast(hidden), interp_cast(weight), interp_cast(bias)
     n, h = hidden.shape
     k = token_ids.shape[0]
     dev = hidden.device
@@ -292,8 +171,8 @@ def score_head_fwd(
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(temperature),
         HAS_BIAS=bias is not None,
-        DOT_PRECISION=_dot_precision(hidden, weight),
-        BLOCK_N=cfg.block_n, BLOCK_K=_block_k(k), BLOCK_H=cfg.block_h,
+        DOT_PRECISION=dot_precision(hidden, weight),
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k(k), BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -307,14 +186,14 @@ def score_head_bwd(
     out: ScoreHeadOutput,
     grads: tuple[torch.Tensor | None, ...],
     temperature: float,
-    cfg: ScoreHeadConfig,
+    cfg: ScoreRowsLaunchConfig,
     need_hidden: bool,
     need_weight_rows: bool,
     need_bias_rows: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Returns (grad_hidden [N,H] in hidden's dtype, grad W_K [K,H] fp32, grad b_K [K] fp32)."""
     hidden_dtype = hidden.dtype
-    hidden, weight = _interp_cast(hidden), _interp_cast(weight)
+    hidden, weight = interp_cast(hidden), interp_cast(weight)
     n, h = hidden.shape
     k = token_ids.shape[0]
     dev = hidden.device
@@ -328,8 +207,8 @@ def score_head_bwd(
     else:
         grad_hidden_k = grad_hidden
     ids = token_ids.contiguous()
-    prec = _dot_precision(hidden, weight)
-    block_k = _block_k(k)
+    prec = dot_precision(hidden, weight)
+    bk = block_k(k)
     d_raw = torch.empty(n, k, device=dev, dtype=torch.float32)
     dummy = out.probs  # any fp32 tensor for absent grads; never read (constexpr flags)
     _score_head_bwd_dz_dh_kernel[(triton.cdiv(n, cfg.block_n),)](
@@ -343,7 +222,7 @@ def score_head_bwd(
         *(t is not None for t in g),
         COMPUTE_DH=need_hidden,
         DOT_PRECISION=prec,
-        BLOCK_N=cfg.block_n, BLOCK_K=block_k, BLOCK_H=cfg.block_h,
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_H=cfg.block_h,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if grad_hidden is not None and grad_hidden_k is not grad_hidden:
@@ -351,21 +230,7 @@ def score_head_bwd(
 
     grad_w = grad_b = None
     if need_weight_rows or need_bias_rows:
-        splits = _n_split(cfg, n, h, dev)
-        rows = triton.cdiv(triton.cdiv(n, splits), cfg.dw_block_n) * cfg.dw_block_n
-        splits = triton.cdiv(n, rows)  # no empty splits
-        w_part = torch.empty(splits, k, h, device=dev, dtype=torch.float32)
-        b_part = torch.empty(splits, k, device=dev, dtype=torch.float32)
-        _score_head_bwd_dw_kernel[(triton.cdiv(h, cfg.dw_block_h), splits)](
-            hidden, d_raw, w_part, b_part,
-            n, h, k,
-            hidden.stride(0), hidden.stride(1),
-            rows,
-            COMPUTE_DB=need_bias_rows,
-            DOT_PRECISION=prec,
-            BLOCK_N=cfg.dw_block_n, BLOCK_K=block_k, BLOCK_H=cfg.dw_block_h,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        w_part, b_part, splits = weight_grad_partials(hidden, d_raw, cfg, need_bias_rows, prec, bk)
         # Fixed-order sum over splits: deterministic.
         grad_w = w_part[0] if splits == 1 else w_part.sum(0)
         grad_b = (b_part[0] if splits == 1 else b_part.sum(0)) if need_bias_rows else None
@@ -416,9 +281,9 @@ def score_head_triton(
     levels: torch.Tensor,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    cfg: ScoreHeadConfig | None = None,
+    cfg: ScoreRowsLaunchConfig | None = None,
 ) -> ScoreHeadOutput:
     """Triton path, no validation (the public `zreward_fast.kernels.score_head` validates)."""
-    cfg = cfg or ScoreHeadConfig.default(hidden.device)
+    cfg = cfg or ScoreRowsLaunchConfig.default(hidden.device)
     lv = levels.to(device=hidden.device, dtype=torch.float32).contiguous()
     return ScoreHeadOutput(*ScoreHeadFunction.apply(hidden, weight, token_ids, lv, bias, temperature, cfg))
