@@ -24,9 +24,7 @@ directory naming of bench_score_head.py).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,11 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import device_name as _device_name, quantile  # noqa: E402
+from common import DTYPES, SHORT, Timer, add_speedups, print_table, timing_fields, write_results  # noqa: E402
+from common import device_name as _device_name  # noqa: E402
 CSV_FIELDS = ["impl", "P", "G", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90", "speedup_vs_eager", "note"]
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 HP = dict(alpha_pt=1.0, alpha_pw=1.0, lambda_pt=0.5, lambda_pw=0.5, eps=1e-4)
 
 
@@ -75,27 +71,6 @@ def make_inputs(P, G, K, dtype, device, seed=0):
     targets = (4.0 * torch.rand(P, 2, generator=g)).to(device, dtype)
     grads = [torch.randn((), generator=g).to(device) for _ in range(3)]
     return z, targets, levels, grads
-
-
-def time_ms(torch, fn, repeats: int, warmup: int, cuda: bool) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def interpreter_smoke(P, G, K) -> str:
@@ -203,85 +178,22 @@ def main(argv=None) -> int:
             out = step(fn)  # first call: compiles; also the correctness check
             first_s = time.perf_counter() - t0
             err = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, ref_out))
-            times = time_ms(torch, lambda: step(fn), args.repeats, args.warmup, gpu)
+            times, _ = Timer(dev).time(lambda: step(fn), args.repeats, args.warmup)
         except Exception as e:  # noqa: BLE001 - record the failure and move on
             msg = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
             row["note"] = msg
             rows.append(row)
             print(f"  {impl:14s} {msg}", flush=True)
             continue
-        row.update(ms_median=statistics.median(times), ms_p10=quantile(times, 0.1), ms_p90=quantile(times, 0.9),
-                   note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
+        row.update(**timing_fields(times), note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
         rows.append(row)
         print(f"  {impl:14s} {row['ms_median']:10.4f} ms", flush=True)
 
-    base = next((r for r in rows if r["impl"] == "eager" and r.get("ms_median")), None)
-    for r in rows:
-        if base and r.get("ms_median"):
-            r["speedup_vs_eager"] = base["ms_median"] / r["ms_median"]
-
-    csv_path = out_dir / "gdso_loss.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
-    png_path = out_dir / "gdso_loss.png"
-    try:
-        plot(rows, png_path, f"GDSO loss fwd+bwd: P={P} G={G} K={K} {short}, {device_name}")
-    except ImportError as e:  # e.g. a GPU machine's python without matplotlib: the CSV is what counts
-        print(f"no plot: {e}")
-        png_path = None
-    print_table(rows)
-    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
+    add_speedups(rows, "eager", "speedup_vs_eager")
+    print_table(rows, note=True)
+    write_results(rows, out_dir, "gdso_loss", CSV_FIELDS, f"GDSO loss fwd+bwd: P={P} G={G} K={K} {short}, {device_name}",
+                  color=lambda r: "#4C72B0" if r["impl"] in ("eager", "compile") else "#55A868")
     return 0
-
-
-def _fmt(x):
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return x
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'impl':14s} {'ms':>10s} {'p10':>9s} {'p90':>9s} {'speedup':>8s}  note")
-    for r in rows:
-        if r.get("ms_median") is None:
-            print(f"{r['impl']:14s} {'-':>10s}  {r.get('note', '')}")
-            continue
-        sp = f"{r['speedup_vs_eager']:7.2f}x" if r.get("speedup_vs_eager") else f"{'':8s}"
-        print(f"{r['impl']:14s} {r['ms_median']:10.4f} {r['ms_p10']:9.4f} {r['ms_p90']:9.4f} {sp}  {r.get('note', '')}")
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if r.get("ms_median") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    med = [r["ms_median"] for r in timed]
-    err = [[m - r["ms_p10"] for m, r in zip(med, timed)], [r["ms_p90"] - m for m, r in zip(med, timed)]]
-    colors = ["#4C72B0" if r["impl"] in ("eager", "compile") else "#55A868" for r in timed]
-    bars = ax.bar(range(len(timed)), med, yerr=err, color=colors, capsize=3)
-    ax.set_yscale("log")
-    ax.set_ylabel("fwd+bwd time, ms (median, p10-p90)")
-    for b, r in zip(bars, timed):
-        txt = f"{r['ms_median']:.3g}"
-        if r.get("speedup_vs_eager"):
-            txt += f"\n{r['speedup_vs_eager']:.2f}x"
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(timed)), [r["impl"] for r in timed], fontsize=8)
-    skipped = [f"{r['impl']}: {r.get('note', '')}" for r in rows if r.get("ms_median") is None]
-    if skipped:
-        fig.text(0.01, 0.01, "\n".join(s[:140] for s in skipped), fontsize=6, va="bottom")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 * len(skipped), 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

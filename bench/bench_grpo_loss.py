@@ -31,23 +31,18 @@ Writes grpo_loss.csv and grpo_loss.png to --out-dir (default bench/results/<devi
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import device_name, quantile  # noqa: E402
+from common import DTYPES, SHORT, Timer, add_speedups, device_name, print_table, timing_fields, write_results  # noqa: E402
 CSV_FIELDS = ["impl", "B", "T", "H", "V", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_extra_mb", "speedup_vs_eager", "note"]
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 ALL_IMPLS = ["eager", "eager-native", "compile", "compile-native", "liger", "triton"]
 
 
@@ -130,50 +125,6 @@ def make_inputs(B, T, H, V, dtype, device, temperature, weight_grad, seed=0):
     old = lp - (torch.rand(B, T, **kw) * 0.6 - 0.3)
     ref = lp + 0.1 * torch.randn(B, T, **kw)
     return hidden, weight, ids, mask, adv, old, ref
-
-
-class Timer:
-    def __init__(self, device: str):
-        import torch
-
-        self.torch = torch
-        self.cuda = device.startswith("cuda")
-
-    def sync(self):
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def peak_extra_mb(self, fn) -> float | None:
-        if not self.cuda:
-            return None
-        torch = self.torch
-        gc.collect()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del out
-        return peak / 2**20
-
-    def times(self, fn, repeats: int) -> list[float]:
-        torch = self.torch
-        res = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fn()
-                end.record()
-                end.synchronize()
-                res.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                out = fn()
-                res.append((time.perf_counter() - t0) * 1e3)
-            del out
-        return res
 
 
 def _err_msg(e: BaseException) -> str:
@@ -325,8 +276,7 @@ def main(argv=None) -> int:
             print(f"  {name:16s} {row['note']}", flush=True)
             _free(torch, gpu)
             continue
-        row.update(ms_median=statistics.median(times), ms_p10=quantile(times, 0.1), ms_p90=quantile(times, 0.9),
-                   peak_extra_mb=peak, note="; ".join(note) + f"; {len(times)} timed runs")
+        row.update(**timing_fields(times), peak_extra_mb=peak, note="; ".join(note) + f"; {len(times)} timed runs")
         rows.append(row)
         mem = f"{peak:10.0f} MB" if peak is not None else ""
         print(f"  {name:16s} {row['ms_median']:10.2f} ms {mem}", flush=True)
@@ -339,25 +289,12 @@ def main(argv=None) -> int:
                  if r["impl"] == name and r.get("ms_median")), None)
     if base:
         base["note"] += "; speedup baseline"
-    for r in rows:
-        if base and r.get("ms_median"):
-            r["speedup_vs_eager"] = base["ms_median"] / r["ms_median"]
-
-    csv_path = out_dir / "grpo_loss.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
-    png_path = out_dir / "grpo_loss.png"
-    try:
-        plot(rows, png_path, f"GRPO token loss fwd+bwd: B={B} T={T} H={H} V={V} {short}, W grad {args.weight_grad}, "
-                             f"{dname}")
-    except ImportError as e:  # a GPU machine's python without matplotlib: the CSV is what counts
-        print(f"no plot: {e}")
-        png_path = None
-    print_table(rows)
-    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
+    if base:
+        add_speedups(rows, base["impl"], "speedup_vs_eager")
+    print_table(rows, speedup_key="speedup_vs_eager", mem_key="peak_extra_mb")
+    write_results(rows, out_dir, "grpo_loss", CSV_FIELDS,
+                  f"GRPO token loss fwd+bwd: B={B} T={T} H={H} V={V} {short}, W grad {args.weight_grad}, {dname}",
+                  mem_key="peak_extra_mb")
     return 0
 
 
@@ -382,66 +319,6 @@ def interpreter_smoke(zk, reference, torch) -> str:
     return (f"interpreter correctness smoke at B={B} T={T} H={H} V={V} fp32 (not a timing): "
             f"|dloss|={abs(l1.item() - l2.item()):.1e} max|dlp|={(lp1 - lp2).abs().max().item():.1e} "
             f"max|dgrad|={eg:.1e}")
-
-
-def _fmt(x):
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return x
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'impl':16s} {'ms':>10s} {'p10':>10s} {'p90':>10s} {'peak MB':>9s} {'speedup':>8s}")
-    for r in rows:
-        if r.get("ms_median") is None:
-            print(f"{r['impl']:16s} {'-':>10s}  {r.get('note', '')}")
-            continue
-        peak = f"{r['peak_extra_mb']:9.0f}" if r.get("peak_extra_mb") is not None else f"{'n/a':>9s}"
-        sp = f"{r['speedup_vs_eager']:7.2f}x" if r.get("speedup_vs_eager") else f"{'':8s}"
-        print(f"{r['impl']:16s} {r['ms_median']:10.2f} {r['ms_p10']:10.2f} {r['ms_p90']:10.2f} {peak} {sp}")
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if r.get("ms_median") is not None]
-    has_mem = any(r.get("peak_extra_mb") is not None for r in timed)
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 7, 4.2), squeeze=False)
-    labels = [r["impl"] for r in timed]
-    colors = ["#55A868" if r["impl"].startswith("triton") else "#4C72B0" for r in timed]
-    ax = axes[0][0]
-    med = [r["ms_median"] for r in timed]
-    err = [[m - r["ms_p10"] for m, r in zip(med, timed)], [r["ms_p90"] - m for m, r in zip(med, timed)]]
-    bars = ax.bar(range(len(timed)), med, yerr=err, color=colors, capsize=3)
-    ax.set_yscale("log")
-    ax.set_ylabel("fwd+bwd time, ms (median, p10-p90)")
-    for b, r in zip(bars, timed):
-        txt = f"{r['ms_median']:.3g}"
-        if r.get("speedup_vs_eager"):
-            txt += f"\n{r['speedup_vs_eager']:.2f}x"
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
-    if has_mem:
-        ax2 = axes[0][1]
-        mem = [r.get("peak_extra_mb") or 0 for r in timed]
-        bars = ax2.bar(range(len(timed)), mem, color=colors)
-        for b, m in zip(bars, mem):
-            ax2.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{m / 1024:.2g} GiB", ha="center",
-                     va="bottom", fontsize=7)
-        ax2.set_ylabel("peak extra memory, MB (returned grads included)")
-        ax2.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
-    skipped = [f"{r['impl']}: {r.get('note', '')}" for r in rows if r.get("ms_median") is None]
-    if skipped:
-        fig.text(0.01, 0.01, "\n".join(s[:160] for s in skipped), fontsize=6, va="bottom")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 * len(skipped), 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -32,20 +32,19 @@ same directory name as bench_score_head.py uses).
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_score_head import DTYPES, Timer, _fmt, device_name, quantile  # noqa: E402
+from common import DTYPES, SHORT, Timer, add_speedups, device_name, print_table, timing_fields, write_results  # noqa: E402
 
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "weight", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_mem_mb", "speedup_vs_gathered_eager", "note"]
+SPEEDUP = "speedup_vs_gathered_eager"
 IMPLS = ["eager-full-logits", "eager-gathered", "compile-gathered", "triton", "triton-kernel"]
 
 
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results" / dname
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = Timer(dev)
-    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    short = SHORT[args.dtype]
     modes = ["head", "k-rows"] if args.weight == "both" else [args.weight]
     rows: list[dict] = []
     compiled = None
@@ -198,36 +197,20 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"  {impl:18s} {row['note']}", flush=True)
                 continue
-            row.update(ms_median=statistics.median(times), ms_p10=quantile(times, 0.1),
-                       ms_p90=quantile(times, 0.9), peak_mem_mb=peak,
-                       note=f"max|loss-ref|={err:.1e}; first call {first_s:.1f}s")
+            row.update(**timing_fields(times), peak_mem_mb=peak, note=f"max|loss-ref|={err:.1e}; first call {first_s:.1f}s")
             rows.append(row)
             print(f"  {impl:18s} {row['ms_median']:10.3f} ms", flush=True)
         del hidden, weight, bias, teacher, params, ref_loss
         if gpu:
             torch.cuda.empty_cache()
 
-    for r in rows:  # speedup relative to eager-gathered with the same weight layout
-        base = next((b for b in rows if b["impl"] == "eager-gathered" and b["weight"] == r["weight"]
-                     and b.get("ms_median")), None)
-        if base and r.get("ms_median"):
-            r["speedup_vs_gathered_eager"] = base["ms_median"] / r["ms_median"]
-
-    csv_path = out_dir / "risd_loss.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
-    png_path = out_dir / "risd_loss.png"
-    try:
-        plot(rows, png_path, f"RISD loss fwd+bwd ({args.reduction}): N={args.N} H={args.H} V={args.V} "
-                             f"K={args.K} {short}, {dname}")
-    except ImportError as e:  # e.g. a GPU machine's python without matplotlib: the CSV is what counts
-        print(f"no plot: {e}")
-        png_path = None
-    print_table(rows)
-    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
+    # speedup relative to eager-gathered with the same weight layout
+    add_speedups(rows, "eager-gathered", SPEEDUP, same=("weight",))
+    print_table(rows, keys=("impl", "weight", "V"), speedup_key=SPEEDUP)
+    write_results(rows, out_dir, "risd_loss", CSV_FIELDS,
+                  f"RISD loss fwd+bwd ({args.reduction}): N={args.N} H={args.H} V={args.V} K={args.K} {short}, {dname}",
+                  label=lambda r: f"{r['impl']}\n(weight {r['weight']})",
+                  color=lambda r: "#4C72B0" if r["weight"] == "head" else "#DD8452", speedup_key=SPEEDUP)
     return 0
 
 
@@ -250,57 +233,6 @@ def interpreter_smoke(zk, reference, torch) -> dict:
             e_grad = max(e_grad, max((a - b).abs().max().item() for a, b in zip(g1, g2)))
     return {"note": f"interpreter correctness smoke at N={n} H={h} V={v} and V=K, K={k}, fp32, 3 reductions "
                     f"(not a timing): max|loss-ref|={e_loss:.1e} max|grad-ref|={e_grad:.1e}"}
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'impl':18s} {'weight':6s} {'V':>7s} {'ms':>10s} {'p10':>9s} {'p90':>9s} {'peak MB':>9s} {'speedup':>8s}")
-    for r in rows:
-        if r.get("ms_median") is None:
-            print(f"{r['impl']:18s} {r['weight']:6s} {r['V']:>7d} {'-':>10s}  {r.get('note', '')}")
-            continue
-        peak = f"{r['peak_mem_mb']:9.1f}" if r.get("peak_mem_mb") is not None else f"{'n/a':>9s}"
-        sp = f"{r['speedup_vs_gathered_eager']:7.2f}x" if r.get("speedup_vs_gathered_eager") else f"{'':8s}"
-        print(f"{r['impl']:18s} {r['weight']:6s} {r['V']:>7d} {r['ms_median']:10.3f} {r['ms_p10']:9.3f} "
-              f"{r['ms_p90']:9.3f} {peak} {sp}")
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if r.get("ms_median") is not None]
-    has_mem = any(r.get("peak_mem_mb") is not None for r in timed)
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 7, 4.2), squeeze=False)
-    labels = [f"{r['impl']}\n(weight {r['weight']})" for r in timed]
-    colors = ["#4C72B0" if r["weight"] == "head" else "#DD8452" for r in timed]
-    ax = axes[0][0]
-    med = [r["ms_median"] for r in timed]
-    err = [[m - r["ms_p10"] for m, r in zip(med, timed)], [r["ms_p90"] - m for m, r in zip(med, timed)]]
-    bars = ax.bar(range(len(timed)), med, yerr=err, color=colors, capsize=3)
-    ax.set_yscale("log")
-    if med:
-        ax.set_ylim(top=max(med) * 4)  # room for the labels above the tallest bar
-    ax.set_ylabel("fwd+bwd time, ms (median, p10-p90)")
-    for b, r in zip(bars, timed):
-        txt = f"{r['ms_median']:.3g}"
-        if r.get("speedup_vs_gathered_eager"):
-            txt += f"\n{r['speedup_vs_gathered_eager']:.2f}x"
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
-    if has_mem:
-        ax2 = axes[0][1]
-        ax2.bar(range(len(timed)), [r.get("peak_mem_mb") or 0 for r in timed], color=colors)
-        ax2.set_ylabel("peak extra memory, MB")
-        ax2.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
-    skipped = [f"{r['impl']} ({r['weight']}): {r.get('note', '')}" for r in rows if r.get("ms_median") is None]
-    if skipped:
-        fig.text(0.01, 0.01, "\n".join(s[:150] for s in skipped), fontsize=6, va="bottom")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 * len(skipped), 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -21,21 +21,18 @@ Writes score_head.csv and score_head.png to --out-dir (default bench/results/<de
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import device_name, quantile  # noqa: E402
+from common import DTYPES, SHORT, Timer, add_speedups, device_name, print_table, timing_fields, write_results  # noqa: E402
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_mem_mb", "speedup_vs_gathered_eager", "weight_grad", "note"]
-DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp16": "float16", "float16": "float16"}
+SPEEDUP = "speedup_vs_gathered_eager"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,41 +98,6 @@ def eager_full_logits(hidden, weight, token_ids, levels, bias=None, temperature=
     return ScoreHeadOutput(z, log_probs, probs, mean, var, entropy)
 
 
-class Timer:
-    def __init__(self, device: str):
-        import torch
-
-        self.torch = torch
-        self.cuda = device.startswith("cuda")
-
-    def time(self, fn, repeats: int, warmup: int) -> tuple[list[float], float | None]:
-        torch = self.torch
-        for _ in range(warmup):
-            fn()
-        peak = None
-        if self.cuda:
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return times, peak
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -160,7 +122,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results" / device_name(dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = Timer(dev)
-    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    short = SHORT[args.dtype]
     rows: list[dict] = []
     wg_modes = {"yes": [True], "no": [False], "both": [True, False]}[args.weight_grad]
 
@@ -220,36 +182,20 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"  {impl:18s} {msg}", flush=True)
                 continue
-            row.update(ms_median=statistics.median(times), ms_p10=quantile(times, 0.1),
-                       ms_p90=quantile(times, 0.9), peak_mem_mb=peak,
-                       note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
+            row.update(**timing_fields(times), peak_mem_mb=peak, note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
             rows.append(row)
             print(f"  {impl:18s} {row['ms_median']:10.3f} ms", flush=True)
         del hidden, weight, bias, grads, ref_out
         if gpu:
             torch.cuda.empty_cache()
 
-    for r in rows:  # speedup relative to eager-gathered with the same weight-grad setting
-        base = next((b for b in rows if b["impl"] == "eager-gathered" and b["weight_grad"] == r["weight_grad"]
-                     and b.get("ms_median")), None)
-        if base and r.get("ms_median"):
-            r["speedup_vs_gathered_eager"] = base["ms_median"] / r["ms_median"]
-
-    csv_path = out_dir / "score_head.csv"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
-    png_path = out_dir / "score_head.png"
-    try:
-        plot(rows, png_path, f"score head fwd+bwd: N={args.N} H={args.H} V={args.V} K={args.K} {short}, "
-                             f"{device_name(dev)}")
-    except ImportError as e:  # e.g. a GPU machine's python without matplotlib: the CSV is what counts
-        print(f"no plot: {e}")
-        png_path = None
-    print_table(rows)
-    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
+    # speedup relative to eager-gathered with the same weight-grad setting
+    add_speedups(rows, "eager-gathered", SPEEDUP, same=("weight_grad",))
+    print_table(rows, keys=("impl", "weight_grad"), speedup_key=SPEEDUP)
+    write_results(rows, out_dir, "score_head", CSV_FIELDS,
+                  f"score head fwd+bwd: N={args.N} H={args.H} V={args.V} K={args.K} {short}, {device_name(dev)}",
+                  label=lambda r: f"{r['impl']}\n(W grad {r['weight_grad']})",
+                  color=lambda r: "#4C72B0" if r["weight_grad"] == "yes" else "#DD8452", speedup_key=SPEEDUP)
     return 0
 
 
@@ -270,62 +216,6 @@ def interpreter_smoke(zk, reference, torch) -> dict:
     eg = max((a - b).abs().max().item() for a, b in zip(g1, g2))
     return {"note": f"interpreter correctness smoke at N={n} H={h} V={v} K={k} fp32 (not a timing): "
                     f"max|out-ref|={eo:.1e} max|grad-ref|={eg:.1e}"}
-
-
-def _fmt(x):
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return x
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'impl':18s} {'wgrad':5s} {'ms':>10s} {'p10':>9s} {'p90':>9s} {'peak MB':>9s} {'speedup':>8s}")
-    for r in rows:
-        if r.get("ms_median") is None:
-            print(f"{r['impl']:18s} {r['weight_grad']:5s} {'-':>10s}  {r.get('note', '')}")
-            continue
-        peak = f"{r['peak_mem_mb']:9.1f}" if r.get("peak_mem_mb") is not None else f"{'n/a':>9s}"
-        sp = f"{r['speedup_vs_gathered_eager']:7.2f}x" if r.get("speedup_vs_gathered_eager") else f"{'':8s}"
-        print(f"{r['impl']:18s} {r['weight_grad']:5s} {r['ms_median']:10.3f} {r['ms_p10']:9.3f} {r['ms_p90']:9.3f} {peak} {sp}")
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timed = [r for r in rows if r.get("ms_median") is not None]
-    has_mem = any(r.get("peak_mem_mb") is not None for r in timed)
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 7, 4.2), squeeze=False)
-    labels = [f"{r['impl']}\n(W grad {r['weight_grad']})" for r in timed]
-    colors = ["#4C72B0" if r["weight_grad"] == "yes" else "#DD8452" for r in timed]
-    ax = axes[0][0]
-    med = [r["ms_median"] for r in timed]
-    err = [[m - r["ms_p10"] for m, r in zip(med, timed)], [r["ms_p90"] - m for m, r in zip(med, timed)]]
-    bars = ax.bar(range(len(timed)), med, yerr=err, color=colors, capsize=3)
-    ax.set_yscale("log")
-    ax.set_ylabel("fwd+bwd time, ms (median, p10-p90)")
-    for b, r in zip(bars, timed):
-        txt = f"{r['ms_median']:.3g}"
-        if r.get("speedup_vs_gathered_eager"):
-            txt += f"\n{r['speedup_vs_gathered_eager']:.2f}x"
-        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
-    if has_mem:
-        ax2 = axes[0][1]
-        ax2.bar(range(len(timed)), [r.get("peak_mem_mb") or 0 for r in timed], color=colors)
-        ax2.set_ylabel("peak extra memory, MB")
-        ax2.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
-    skipped = [f"{r['impl']}: {r.get('note', '')}" for r in rows if r.get("ms_median") is None]
-    if skipped:
-        fig.text(0.01, 0.01, "\n".join(s[:140] for s in skipped), fontsize=6, va="bottom")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 * len(skipped), 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

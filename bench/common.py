@@ -1,11 +1,17 @@
-"""Helpers every benchmark script shares: the results-folder name of a device, quantiles."""
+"""What every benchmark script shares: the results-folder name of a device, dtype names, timing,
+quantiles, speedups, the CSV, the printed table and the plot. Each script defines only its cases."""
 from __future__ import annotations
 
+import csv
+import gc
 import math
 import os
 import platform
 import re
+import statistics
+import time
 from pathlib import Path
+from typing import Sequence
 
 
 def device_name(device: str) -> str:
@@ -35,3 +41,169 @@ def quantile(xs: list[float], q: float) -> float:
     pos = q * (len(xs) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# ----------------------------------------------------------------------------- dtypes
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+# ----------------------------------------------------------------------------- timing
+class Timer:
+    """CUDA events on a GPU, perf_counter on the CPU; times in ms."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.torch = torch
+        self.cuda = device.startswith("cuda")
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def peak_extra_mb(self, fn) -> float | None:
+        """Peak memory one call allocates beyond what was allocated before it (GPU only)."""
+        if not self.cuda:
+            return None
+        torch = self.torch
+        gc.collect()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak / 2**20
+
+    def times(self, fn, repeats: int) -> list[float]:
+        torch = self.torch
+        res = []
+        self.sync()
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn()
+                end.record()
+                end.synchronize()
+                res.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                out = fn()
+                res.append((time.perf_counter() - t0) * 1e3)
+            del out
+        return res
+
+    def time(self, fn, repeats: int, warmup: int) -> tuple[list[float], float | None]:
+        """``warmup`` untimed calls, the peak extra memory of one call, then ``repeats`` timed ones."""
+        for _ in range(warmup):
+            fn()
+        peak = self.peak_extra_mb(fn)
+        return self.times(fn, repeats), peak
+
+
+def timing_fields(times: list[float]) -> dict:
+    return {"ms_median": statistics.median(times), "ms_p10": quantile(times, 0.1), "ms_p90": quantile(times, 0.9)}
+
+
+def add_speedups(rows: list[dict], base_impl: str, key: str, same: Sequence[str] = ()) -> None:
+    """rows[key] = the base row's median / this row's, the base being ``base_impl`` with the same
+    values of the ``same`` fields."""
+    for r in rows:
+        base = next((b for b in rows if b["impl"] == base_impl and b.get("ms_median")
+                     and all(b.get(f) == r.get(f) for f in same)), None)
+        if base and r.get("ms_median"):
+            r[key] = base["ms_median"] / r["ms_median"]
+
+
+# ----------------------------------------------------------------------------- results
+def fmt(x):
+    """A CSV cell: floats to 4 significant digits, None empty."""
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return x
+
+
+def print_table(rows: list[dict], keys: Sequence[str] = ("impl",), speedup_key: str = "speedup_vs_eager",
+                mem_key: str = "peak_mem_mb", note: bool = False) -> None:
+    """One line a row: its key fields, median/p10/p90 ms, peak extra MB and speedup; a row without
+    a timing prints its note instead."""
+    width = {k: max([len(k)] + [len(str(r.get(k, ""))) for r in rows]) for k in keys}
+    head = " ".join(f"{k:{width[k]}s}" for k in keys)
+    print(f"\n{head} {'ms':>10s} {'p10':>10s} {'p90':>10s} {'peak MB':>9s} {'speedup':>8s}" + ("  note" if note else ""))
+    for r in rows:
+        lead = " ".join(f"{str(r.get(k, '')):{width[k]}s}" for k in keys)
+        if r.get("ms_median") is None:
+            print(f"{lead} {'-':>10s}  {r.get('note', '')}")
+            continue
+        peak = f"{r[mem_key]:9.1f}" if r.get(mem_key) is not None else f"{'n/a':>9s}"
+        sp = f"{r[speedup_key]:7.2f}x" if r.get(speedup_key) else f"{'':8s}"
+        print(f"{lead} {r['ms_median']:10.4g} {r['ms_p10']:10.4g} {r['ms_p90']:10.4g} {peak} {sp}"
+              + (f"  {r.get('note', '')}" if note else ""))
+
+
+def plot_rows(rows: list[dict], path: Path, title: str, label=None, color=None,
+              speedup_key: str = "speedup_vs_eager", mem_key: str = "peak_mem_mb") -> None:
+    """Bars of the median time (p10-p90 whiskers, log scale, speedups written above), a second
+    panel of peak extra memory when measured, and the untimed rows' notes underneath."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label = label or (lambda r: r["impl"])
+    color = color or (lambda r: "#55A868" if r["impl"].startswith("triton") else "#4C72B0")
+    timed = [r for r in rows if r.get("ms_median") is not None]
+    has_mem = any(r.get(mem_key) is not None for r in timed)
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 7, 4.2), squeeze=False)
+    labels, colors = [label(r) for r in timed], [color(r) for r in timed]
+    ax = axes[0][0]
+    med = [r["ms_median"] for r in timed]
+    err = [[m - r["ms_p10"] for m, r in zip(med, timed)], [r["ms_p90"] - m for m, r in zip(med, timed)]]
+    bars = ax.bar(range(len(timed)), med, yerr=err, color=colors, capsize=3)
+    ax.set_yscale("log")
+    if med:
+        ax.set_ylim(top=max(med) * 4)  # room for the labels above the tallest bar
+    ax.set_ylabel("fwd+bwd time, ms (median, p10-p90)")
+    for b, r in zip(bars, timed):
+        txt = f"{r['ms_median']:.3g}" + (f"\n{r[speedup_key]:.2f}x" if r.get(speedup_key) else "")
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), txt, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
+    if has_mem:
+        ax2 = axes[0][1]
+        mem = [r.get(mem_key) or 0 for r in timed]
+        bars = ax2.bar(range(len(timed)), mem, color=colors)
+        for b, m in zip(bars, mem):
+            ax2.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{m:.3g}", ha="center", va="bottom", fontsize=7)
+        ax2.set_ylabel("peak extra memory, MB")
+        ax2.set_xticks(range(len(timed)), labels, rotation=30, ha="right", fontsize=7)
+    skipped = [f"{label(r)}: {r.get('note', '')}".replace("\n", " ") for r in rows if r.get("ms_median") is None]
+    if skipped:
+        fig.text(0.01, 0.01, "\n".join(s[:160] for s in skipped), fontsize=6, va="bottom")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04 * len(skipped), 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], out_dir: Path, stem: str, fields: Sequence[str], title: str, **plot_kw) -> None:
+    """``<stem>.csv`` (the record), ``<stem>.png`` when matplotlib imports (a GPU machine's python
+    may lack it: the CSV is what counts)."""
+    csv_path = out_dir / f"{stem}.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: fmt(r.get(k)) for k in fields})
+    png_path: Path | None = out_dir / f"{stem}.png"
+    try:
+        plot_rows(rows, png_path, title, **plot_kw)
+    except ImportError as e:
+        print(f"no plot: {e}")
+        png_path = None
+    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))

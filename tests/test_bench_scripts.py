@@ -1,0 +1,45 @@
+"""The kernel benchmark scripts run end to end on the CPU at tiny shapes (the Triton rows under the
+interpreter), so a GPU session of bench/gpu_check.sh never spends its minutes on a script error."""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--repeats", "1", "--warmup", "0"]
+SCRIPTS = {
+    "score_head": ["--interpret", "--impls", "eager-gathered,triton", "--N", "32", "--H", "64", "--V", "256"],
+    "risd_loss": ["--interpret", "--impls", "eager-gathered,triton", "--N", "32", "--H", "64", "--V", "256"],
+    "gdso_loss": ["--impls", "eager,triton", "--P", "4", "--G", "4", "--K", "9"],
+    "grpo_loss": ["--impls", "eager,triton", "--B", "2", "--T", "8", "--H", "32", "--V", "256"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_kernel_benchmark_runs_and_writes_its_rows(name, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # each script sets its own
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, str(ROOT / "bench" / f"bench_{name}.py"), *SCRIPTS[name], *TINY, "--out-dir", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with open(tmp_path / f"{name}.csv") as f:
+        rows = list(csv.DictReader(f))
+    impls = {row["impl"] for row in rows}
+    assert "triton" in impls and len(rows) >= 2, rows
+    timed = [row for row in rows if row["impl"] != "triton"]
+    assert timed and all(float(row["ms_median"]) > 0 for row in timed), timed
+    # the Triton row is the interpreter's correctness check against the reference, not a timing
+    smoke = [row["note"] for row in rows if row["impl"] == "triton" and "correctness smoke" in row["note"]]
+    errors = [float(x) for note in smoke for x in re.findall(r"\|=([0-9.eE+-]+)", note)]
+    assert smoke and errors and max(errors) < 1e-3, smoke
+
+
+def test_gpu_check_script_parses():
+    r = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
