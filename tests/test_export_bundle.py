@@ -147,6 +147,30 @@ def test_parity_failure_refuses_unless_forced(rm, tmp_path):
     assert res.failures and json.loads((res.path / "manifest.json").read_text())["parity"]["failures"]
 
 
+def test_interrupted_export_leaves_the_old_bundle(rm, fp32_bundle, tmp_path, monkeypatch):
+    """Issue 12: the new bundle is staged beside the destination and renamed in; an export that
+    dies while moving it leaves the old bundle whole (it still verifies) and no staging."""
+    import shutil
+
+    from zreward_fast.runtime.bundle import verify_bundle
+
+    out = tmp_path / "bundle"
+    shutil.copytree(fp32_bundle.path, out)
+    before = (out / "manifest.json").read_text()
+
+    def dies_halfway(src, dst, **kw):
+        first = sorted(Path(src).iterdir())[0]
+        shutil.copy2(first, Path(dst) / first.name)
+        raise OSError("killed while copying the bundle")
+
+    monkeypatch.setattr("zreward_fast.export.api.shutil.copytree", dies_halfway)
+    with pytest.raises(OSError, match="killed"):
+        export_bundle(rm, out, num_pairs=5, progress=False, overwrite=True)
+    verify_bundle(out)
+    assert (out / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
 def test_runtime_scores_a_real_bundle_without_torch(fp32_bundle, rm):
     images, prompts, _ = held_out_pairs(1)
     img_path = Path(fp32_bundle.path).parent / "img.png"

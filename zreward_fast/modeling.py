@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -139,9 +139,19 @@ class ZRewardModel(nn.Module):
         return results
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
-        self.model.save_pretrained(directory, **kwargs)
-        self.processor.save_pretrained(directory)
+    def save_pretrained(self, directory: str | os.PathLike, also_write: Callable[[Path], None] | None = None,
+                        **kwargs: Any) -> None:
+        """Model and processor; ``also_write(d)`` adds files of a wrapper (a value head). Staged and
+        moved into place with ``config.json`` last: a crash leaves the old model, the new one or a
+        directory ``from_pretrained`` refuses, never new weights under an old config
+        (:mod:`zreward_fast.fileio`). Other contents of ``directory`` (checkpoints) are kept."""
+        from .fileio import staged_directory
+
+        with staged_directory(directory, marker="config.json") as tmp:
+            self.model.save_pretrained(tmp, **kwargs)
+            self.processor.save_pretrained(tmp)
+            if also_write is not None:
+                also_write(tmp)
 
     @classmethod
     def from_pretrained(

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import __version__
+from ..fileio import staged_directory
 from ..modeling import ZRewardModel
 from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, GDN_FORMS, resolve_quant_mode
 
@@ -162,10 +163,10 @@ def export_bundle(
         manifest = write_manifest(bundle, manifest)
         if failures and not force:
             raise ExportParityError(failures, report)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(bundle), str(out))
+        # the finished bundle is copied beside the destination first (the work directory may be on
+        # another filesystem), then renamed into place: a crash never leaves half a bundle at ``out``
+        with staged_directory(out) as staged:
+            shutil.copytree(bundle, staged, dirs_exist_ok=True)
         return ExportResult(out, manifest, report, failures)
     finally:
         shutil.rmtree(work, ignore_errors=True)

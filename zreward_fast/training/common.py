@@ -6,11 +6,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
 import torch
+
+from ..fileio import atomic_write_text, fsync_tree, replace_directory
 
 logger = logging.getLogger("zreward_fast.training")
 
@@ -62,6 +65,9 @@ class BatchSchedule:
         return batch[self.rank :: self.world]
 
 
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+
+
 @dataclasses.dataclass
 class TrainState:
     step: int = 0
@@ -69,11 +75,15 @@ class TrainState:
     history: list[dict] = dataclasses.field(default_factory=list)
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "TrainState":
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path} is truncated or corrupt, not a trainer state ({e}): "
+                             "resume from another checkpoint") from None
 
 
 def grads_finite(params: Iterator[torch.nn.Parameter]) -> bool:
@@ -189,20 +199,34 @@ class TrainerBase:
         """Periodic saving and evaluation; subclasses extend."""
 
     def save_checkpoint(self, directory: str | os.PathLike) -> Path:
-        """Model, optimizer and RNG states (accelerate) plus the step: resuming continues exactly."""
+        """Model, optimizer and RNG states (accelerate) plus the step: resuming continues exactly.
+
+        Every rank writes into ``.<name>.partial`` beside the destination, the trainer state goes
+        in last, and the finished directory replaces the old checkpoint by renames: a crash leaves
+        the old checkpoint, the new one, or none (a clear error on load), never a mix."""
         path = Path(directory)
-        self.accelerator.save_state(str(path))
+        partial = path.parent / f".{path.name}.partial"
         if self.accelerator.is_main_process:
-            self.state.save(path / "trainer_state.json")
+            shutil.rmtree(partial, ignore_errors=True)  # what an interrupted save left
+            partial.parent.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.state.save(partial / STATE_FILE)
+            fsync_tree(partial)
+            replace_directory(partial, path)
         self.accelerator.wait_for_everyone()
         return path
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         path = Path(directory)
-        if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"{path} is not a trainer checkpoint (no trainer_state.json)")
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a complete trainer checkpoint (no {STATE_FILE}: never written, "
+                                    "or its save was interrupted)")
+        state = TrainState.load(path / STATE_FILE)  # a clear error before any weights are touched
         self.accelerator.load_state(str(path))
-        self.state = TrainState.load(path / "trainer_state.json")
+        self.state = state
 
 
 def full_state_dict(accelerator: Any, module: torch.nn.Module) -> dict[str, torch.Tensor]:

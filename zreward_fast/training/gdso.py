@@ -207,6 +207,5 @@ class GDSOTrainer(TrainerBase):
         if self.accelerator.is_main_process:
             prefix = "reward_model.model."
             sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            self.reward_model.model.save_pretrained(directory, state_dict=sd)
-            self.reward_model.processor.save_pretrained(directory)
+            self.reward_model.save_pretrained(directory, state_dict=sd)
         self.accelerator.wait_for_everyone()

@@ -195,8 +195,7 @@ class RISDTrainer(TrainerBase):
                 bias = sd[bias_key].clone()
                 bias[rm.score_token_ids.cpu()] = state["score_bias"].to(bias.dtype).cpu()
                 sd[bias_key] = bias
-            rm.model.save_pretrained(directory, state_dict=sd)
-            rm.processor.save_pretrained(directory)
+            rm.save_pretrained(directory, state_dict=sd)
         self.accelerator.wait_for_everyone()
 
 

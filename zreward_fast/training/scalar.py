@@ -68,8 +68,7 @@ class ScalarRewardModel(nn.Module):
         return out
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        self.reward_model.save_pretrained(directory)
-        torch.save(self.value.state_dict(), Path(directory) / VALUE_HEAD_FILE)
+        self.reward_model.save_pretrained(directory, also_write=lambda d: torch.save(self.value.state_dict(), d / VALUE_HEAD_FILE))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ScalarRewardModel":
