@@ -149,16 +149,20 @@ class TrainerBase:
         """One optimizer step; returns the loss, or None when the batch was skipped (NaN)."""
         self.module.train()
         step = self.state.step
-        why = self.check_records(records)
+        # every skip decision is collective: ranks that disagreed would fall out of step in the
+        # backward's all-reduce and hang (issue 12)
+        why = self._any_rank(self.check_records(records))
         if why:
-            return self._skip(step, why)
+            return self._skip(step, *why)
         loss, logs = self.compute_loss(records)
-        if not is_finite(loss):
-            return self._skip(step, f"loss is {loss.item()}")
+        why = self._any_rank(None if is_finite(loss) else f"loss is {loss.item()}")
+        if why:
+            return self._skip(step, *why)
         self.accelerator.backward(loss)
         params = self.trainable_parameters()
-        if not grads_finite(iter(params)):
-            return self._skip(step, "gradients contain NaN or inf")
+        why = self._any_rank(None if grads_finite(iter(params)) else "gradients contain NaN or inf")
+        if why:
+            return self._skip(step, *why)
         if self.grad_clip:
             self.accelerator.clip_grad_norm_(params, self.grad_clip)
         self.optimizer.step()
@@ -169,8 +173,26 @@ class TrainerBase:
         self.state.step += 1
         return value
 
-    def _skip(self, step: int, why: str) -> None:
-        logger.warning("%s step %d: batch skipped, not trained on: %s", self.name, step, why)
+    def _any_rank(self, why: str | None) -> tuple[str, bool] | None:
+        """(reason, whether this rank logs it) when any rank must skip this step, else None: the
+        first rank that found a reason logs it, so a skip is logged once."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return (why, True) if why else None
+        import torch.distributed as dist
+
+        first = torch.tensor([acc.process_index if why else acc.num_processes], device=acc.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first_rank = int(first.item())
+        if first_rank == acc.num_processes:
+            return None
+        if acc.process_index == first_rank:
+            return f"{why} (rank {first_rank}; every rank skips the step)", True
+        return f"rank {first_rank} skipped it", False
+
+    def _skip(self, step: int, why: str, log: bool = True) -> None:
+        if log:
+            logger.warning("%s step %d: batch skipped, not trained on: %s", self.name, step, why)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # torch warns when no optimizer step came first: none must, here
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler")
