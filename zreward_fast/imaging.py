@@ -3,6 +3,12 @@
 Every image is converted to RGB and resized (bicubic, aspect not kept) to one square bucket whose
 side is a multiple of ``patch_size * merge_size``, so the vision tower always sees the same grid:
 one shape for export, no data-dependent splits, batches without padding.
+
+Decoding, the same for the CLI, training, ``ZRewardModel``, the runtime and the server: only
+PNG, JPEG, WebP, BMP and GIF (its first frame) are opened (no Pillow plugin that runs external
+programs, such as EPS through Ghostscript); the EXIF orientation is applied; 16-bit grayscale is
+scaled to 8 bits; transparent pixels are composited onto white (``BACKGROUND``, what transformers'
+``convert_to_rgb`` does for the Qwen-VL processors).
 """
 from __future__ import annotations
 
@@ -13,9 +19,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 8192 x 8192: larger inputs are refused, not decoded
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # Pillow plugins; JPEG also opens MPO (phones)
+BACKGROUND = (255, 255, 255)  # what transparent pixels become
+_ORIENTATION = 0x0112  # the EXIF tag
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale (older Pillow opens it as "I")
 
 
 class ImageError(ValueError):
@@ -44,9 +54,23 @@ def load_image(image: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.
         raise ImageError(f"image has zero size ({w}x{h})")
     if w * h > max_pixels:
         raise ImageError(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-    if img.mode != "RGB":
-        img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA") else img.convert("RGB")
-    return img
+    if img.getexif().get(_ORIENTATION, 1) not in (0, 1):  # exif_transpose copies even when nothing turns
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit grayscale scaled (65535 -> 255, not clipped to white), alpha and palette
+    transparency composited onto ``BACKGROUND``."""
+    if img.mode in _SIXTEEN_BIT:
+        a = np.asarray(img).astype(np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def _open_bytes(data: bytes, what: str, max_pixels: int) -> Image.Image:
@@ -55,14 +79,17 @@ def _open_bytes(data: bytes, what: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             w, h = img.size  # header only: check before decoding anything
             if w * h > max_pixels:
                 raise ImageError(f"{what} is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
             img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{what} is not a readable image: not a PNG, JPEG, WebP, BMP or GIF (the formats accepted), "
+                         f"or its header is corrupt ({e})") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{what} is not a readable image: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ImageError(f"{what} is corrupt or truncated: {e}") from e
@@ -86,7 +113,7 @@ def _from_array(a: np.ndarray) -> Image.Image:
         raise ImageError(f"image array dtype must be uint8 or float, got {a.dtype}")
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
-    return Image.fromarray(np.ascontiguousarray(a[:, :, :3]))
+    return Image.fromarray(np.ascontiguousarray(a), "RGBA" if a.shape[2] == 4 else "RGB")  # to_rgb composites alpha
 
 
 def resize_to_bucket(img: Image.Image, size: int) -> Image.Image:

@@ -288,7 +288,7 @@ def decode_image(data: bytes, max_pixels: int, bucket: int | None = None, where:
     if not data:
         raise bad_request("invalid_image", f"{where} is empty")
     try:
-        with Image.open(io.BytesIO(data)) as probe:  # lazy: reads the header only
+        with Image.open(io.BytesIO(data), formats=imaging.ALLOWED_FORMATS) as probe:  # lazy: reads the header only
             fmt, (w, h) = probe.format, probe.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise bad_request("image_too_large", f"{where} exceeds the limit of {max_pixels} pixels ({e})") from None
