@@ -123,6 +123,51 @@ def test_bundle_tampering_and_format_errors(fp32_bundle, tmp_path):
         Scorer(b)
 
 
+def test_symlinks_are_refused_and_what_runs_is_what_was_verified(fp32_bundle, rm, tmp_path):
+    """Issue 12: a symlink in a bundle (to a file or a directory, inside or outside) does not
+    load; the Scorer runs its private, verified copy, so changing the bundle afterwards changes
+    nothing, and the copy goes with the Scorer."""
+    import gc
+    import os
+    import shutil
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(fp32_bundle.path, dst)
+        return dst
+
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    b = copy("file-link")
+    os.symlink(outside, b / "notes.json")
+    with pytest.raises(BundleError, match="symlink"):
+        Scorer(b)
+    b = copy("dir-link")
+    os.symlink(tmp_path, b / "more")
+    with pytest.raises(BundleError, match="symlink"):
+        Scorer(b)
+    b = copy("graph-link")
+    (b / "decoder.onnx").rename(tmp_path / "real-decoder.onnx")
+    os.symlink(tmp_path / "real-decoder.onnx", b / "decoder.onnx")
+    with pytest.raises(BundleError, match="symlink"):
+        Scorer(b)
+
+    b = copy("swapped")
+    scorer = Scorer(b)
+    private = scorer._load_dir
+    assert private != b and oct(private.stat().st_mode & 0o777) == "0o700"
+    images, prompts, _ = held_out_pairs(2)
+    before = _means(scorer.score(images[:2], prompts[:2]))
+    (b / "decoder.onnx").write_bytes(b"not a graph any more")
+    after = _means(Scorer.score(scorer, images[:2], prompts[:2]))
+    np.testing.assert_array_equal(before, after)
+    del scorer
+    gc.collect()
+    assert not private.exists()
+    with pytest.raises(BundleError, match="tampered"):
+        Scorer(b, copy=False)
+
+
 def test_model_without_score_tokens_is_refused(tmp_path):
     from zreward_fast.testing import tiny_config, tiny_tokenizer
     from transformers import Qwen3_5ForConditionalGeneration

@@ -165,7 +165,8 @@ class ZRewardModel(nn.Module):
             raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
         processor = ZRewardProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(
-            str(path), local_files_only=True, dtype=torch_dtype or torch.float32, use_safetensors=True
+            str(path), local_files_only=True, dtype=torch_dtype or torch.float32, use_safetensors=True,
+            trust_remote_code=False,  # a model directory never runs its own code here
         )
         if device is not None:
             model = model.to(device)

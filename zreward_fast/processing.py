@@ -265,7 +265,7 @@ class ZRewardProcessor:
         path = Path(directory)
         if not path.is_dir():
             raise FileNotFoundError(f"no such directory: {path}")
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         kwargs: dict[str, Any] = {}
         cfg_file = path / PROCESSOR_CONFIG_NAME
         if cfg_file.is_file():

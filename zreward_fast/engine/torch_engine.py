@@ -344,16 +344,10 @@ class TorchEngine:
         fp8: bool = False,
         gdn: str = "auto",
     ) -> None:
-        from transformers import AutoModelForImageTextToText
-
         device, dtype = _check_device(device, dtype)
         path = check_model_dir(model_dir)
-        processor = ZRewardProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(
-            str(path), local_files_only=True, dtype=dtype, use_safetensors=True
-        )
         self.model_dir: Path | None = path
-        self._setup(ZRewardModel(model.to(device).eval(), processor), device, dtype, batch_buckets, seq_buckets,
+        self._setup(ZRewardModel.from_pretrained(path, torch_dtype=dtype, device=device), device, dtype, batch_buckets, seq_buckets,
                     use_cuda_graphs, fp8, gdn)
 
     @classmethod

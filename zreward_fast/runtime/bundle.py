@@ -73,15 +73,32 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _bundle_files(bundle_dir: Path) -> list[str]:
-    """Every regular file under the bundle, as a posix path relative to it, except the manifest."""
+    """Every regular file under the bundle, as a posix path relative to it, except the manifest.
+    A symlink anywhere in it is refused: it could point outside the bundle, or hide a directory."""
     names = []
     for root, dirs, files in os.walk(bundle_dir):
         dirs.sort()
+        for name in sorted(dirs + files):
+            path = Path(root) / name
+            if path.is_symlink():
+                raise BundleError(f"{path}: a symlink inside a bundle; a bundle holds only regular files")
         for name in sorted(files):
             rel = (Path(root) / name).relative_to(bundle_dir).as_posix()
             if rel != MANIFEST_NAME:
                 names.append(rel)
     return names
+
+
+def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` and return the sha256 and size of the bytes written."""
+    h, n = hashlib.sha256(), 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fi, open(dst, "xb") as fo:
+        for chunk in iter(lambda: fi.read(_CHUNK), b""):
+            h.update(chunk)
+            fo.write(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
 
 
 def write_manifest(bundle_dir: str | os.PathLike, manifest_without_files: dict) -> dict:
@@ -148,13 +165,18 @@ def _safe_name(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name and name != MANIFEST_NAME
 
 
-def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
+def verify_bundle(bundle_dir: str | os.PathLike, copy_to: str | os.PathLike | None = None) -> dict:
     """Check a bundle completely and return its manifest, or raise :class:`BundleError`.
 
     Checks: the manifest (see :func:`load_manifest`); both graphs and ``tokenizer.json`` listed;
-    no listed file missing, no file unlisted; every file's size and sha256 as listed.
+    no listed file missing, no file unlisted, no symlink; every file's size and sha256 as listed.
+    With ``copy_to`` (an empty, private directory) each file is hashed as it is copied there, so a
+    loader that reads the copy runs exactly the bytes that were checked, whatever happens to the
+    bundle afterwards.
     """
     root = Path(bundle_dir)
+    if (root / MANIFEST_NAME).is_symlink():
+        raise BundleError(f"{root / MANIFEST_NAME}: a symlink inside a bundle; a bundle holds only regular files")
     manifest = load_manifest(root)
     files: dict[str, dict[str, Any]] = manifest["files"]
     graphs = manifest["graphs"]
@@ -178,7 +200,14 @@ def verify_bundle(bundle_dir: str | os.PathLike) -> dict:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise BundleError(f"{path}: tampered or truncated: {size} bytes, manifest says {entry['bytes']}")
-        digest = sha256_file(path)
+        if copy_to is None:
+            digest = sha256_file(path)
+        else:
+            digest, size = _copy_hashed(path, Path(copy_to) / name)
+            if size != entry["bytes"]:
+                raise BundleError(f"{path}: changed while it was read: {size} bytes, manifest says {entry['bytes']}")
         if digest != entry["sha256"].lower():
             raise BundleError(f"{path}: tampered: sha256 {digest} does not match the manifest's {entry['sha256']}")
+    if copy_to is not None:
+        (Path(copy_to) / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return manifest

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,6 +72,9 @@ class Scorer:
             thread per part does better (measured on 2 cores with 2 runs: 18-26% more images/s at
             batch 8). A single image is one part, so batch-1 latency gets fewer threads: keep 1
             (the default) for latency, use the core count for throughput.
+        copy: verify the bundle while copying it into a private temporary directory (removed
+            with the scorer) and load from that copy, so a bundle changed after its check cannot
+            run; costs the bundle's size on ``TMPDIR``. ``False`` verifies and loads in place.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class Scorer:
         intra_op_num_threads: int | None = None,
         spin_wait: bool = False,
         parallel_runs: int = 1,
+        copy: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -93,8 +100,19 @@ class Scorer:
             opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // parallel_runs)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self.bundle_dir = Path(bundle_dir)
-        self.manifest: dict = verify_bundle(self.bundle_dir)
-        self.preprocessor = RuntimePreprocessor.from_bundle(self.bundle_dir, self.manifest)
+        # verified while copied into a private directory, loaded from there: what runs is what was
+        # checked, even if the bundle changes afterwards (copy=False: in place, no extra disk)
+        self._private = tempfile.mkdtemp(prefix="zreward-bundle-") if copy else None
+        if self._private is not None:
+            weakref.finalize(self, shutil.rmtree, self._private, ignore_errors=True)
+        try:
+            self.manifest: dict = verify_bundle(self.bundle_dir, copy_to=self._private)
+        except BaseException:
+            if self._private is not None:
+                shutil.rmtree(self._private, ignore_errors=True)
+            raise
+        self._load_dir = Path(self._private) if self._private is not None else self.bundle_dir
+        self.preprocessor = RuntimePreprocessor.from_bundle(self._load_dir, self.manifest)
         graphs = self.manifest["graphs"]
         self._vision = self._session(graphs["vision"], opts, VISION_INPUTS, VISION_OUTPUTS)
         self._decoder = self._session(graphs["decoder"], opts, DECODER_INPUTS, DECODER_OUTPUTS)
@@ -109,7 +127,7 @@ class Scorer:
     def _session(self, name: str, opts: Any, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
         import onnxruntime as ort
 
-        path = self.bundle_dir / name
+        path = self._load_dir / name
         try:
             sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
