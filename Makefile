@@ -6,13 +6,14 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench gpu-check clean
+.PHONY: install demo test test-fast bench gpu-check clean constraints
 
-$(VENV)/.installed: setup.py Makefile
+# constraints.txt: the exact versions the tests pass with (regenerate with `make constraints`)
+$(VENV)/.installed: setup.py Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[dev,kernels]"
+	$(PY) -m pip install -c constraints.txt -e ".[dev,kernels]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,6 +26,10 @@ test: install
 
 bench: install
 	$(PY) bench/bench_score_head.py
+
+constraints: install
+	{ sed -n 1,3p constraints.txt; $(PY) -m pip freeze | grep -v -E "^#|^-e|^torch==|^pyflakes=="; } > constraints.new
+	mv constraints.new constraints.txt
 
 gpu-check:
 	bash bench/gpu_check.sh

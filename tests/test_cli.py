@@ -65,3 +65,22 @@ def test_serve_has_a_flag_for_every_server_setting(monkeypatch, tmp_path):
         value = [] if f.type in (bool, "bool") else ["k" if f.name == "api_key" else "3"]
         assert main(["serve", "--bundle", str(tmp_path), flag, *value]) == 0, f.name
         assert f.name in seen, f.name
+
+
+def test_serve_api_key_from_a_file_and_a_warning_for_the_flag(monkeypatch, tmp_path, capsys):
+    """Issue 12: a key on the command line shows in the process list: the flag warns, and
+    --api-key-file (or $ZREWARD_API_KEY, run_server's default) keeps it out of argv."""
+    import zreward_fast.runtime.server as server
+
+    seen = {}
+    monkeypatch.setattr(server, "run_server", lambda bundle, **kw: seen.update(kw))
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    assert main(["serve", "--bundle", str(tmp_path), "--api-key-file", str(key)]) == 0
+    assert seen["api_key"] == "s3cret" and "warning" not in capsys.readouterr().err
+    seen.clear()
+    assert main(["serve", "--bundle", str(tmp_path), "--api-key", "k"]) == 0
+    assert seen["api_key"] == "k" and "process list" in capsys.readouterr().err
+    assert main(["serve", "--bundle", str(tmp_path), "--api-key", "k", "--api-key-file", str(key)]) == 2
+    assert main(["serve", "--bundle", str(tmp_path), "--api-key-file", str(tmp_path / "absent")]) == 2
+    assert "cannot read" in capsys.readouterr().err

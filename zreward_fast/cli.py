@@ -164,6 +164,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime.server import run_server
 
     config = {f: getattr(args, f) for f in _server_fields() if getattr(args, f) is not None}
+    if args.api_key is not None:
+        print("warning: --api-key shows in the process list (ps, /proc); use $ZREWARD_API_KEY or --api-key-file",
+              file=sys.stderr)
+    if args.api_key_file is not None:
+        if args.api_key is not None:
+            print("error: give --api-key or --api-key-file, not both", file=sys.stderr)
+            return 2
+        try:
+            config["api_key"] = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"error: cannot read --api-key-file: {e}", file=sys.stderr)
+            return 2
     try:
         run_server(args.bundle, host=args.host, port=args.port, providers=args.providers,
                    parallel_runs=args.parallel_runs, **config)
@@ -191,7 +203,10 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     for name, f in _server_fields().items():
         flags = ["--" + name.replace("_", "-")] + ([SERVER_FLAG_ALIASES[name]] if name in SERVER_FLAG_ALIASES else [])
         if name == "api_key":
-            parser.add_argument(*flags, dest=name, default=None, help="require this key (default: $ZREWARD_API_KEY, if set)")
+            parser.add_argument(*flags, dest=name, default=None,
+                                help="require this key; visible to every user in the process list: prefer "
+                                     "$ZREWARD_API_KEY (the default, if set) or --api-key-file")
+            parser.add_argument("--api-key-file", default=None, help="read the required key from this file")
         elif f.type in (bool, "bool"):
             parser.add_argument(*flags, dest=name, default=None, action=argparse.BooleanOptionalAction,
                                 help=f"default: {f.default}")
