@@ -167,7 +167,35 @@ def test_failed_warmup_stays_not_ready():
         time.sleep(0.2)
         body = _check_error(client.get("/readyz"), 503, "not_ready")
         assert "warm-up failed" in body["error"]["message"]
+        assert "no GPU" not in body["error"]["message"]  # details (paths...) go to the log, not to clients
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_scorer_base_exception_fails_its_batch_not_the_server():
+    """Issue 12: a BaseException in the scorer killed the only batcher worker (every later request
+    504, /readyz still ready). The batch fails, the worker goes on, /readyz checks the workers."""
+
+    class Fatal(BaseException):
+        pass
+
+    class Flaky(FakeScorer):
+        calls = 0
+
+        def score(self, images, prompts, dimensions=None):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise Fatal("scorer crashed")
+            return super().score(images, prompts, dimensions)
+
+    with serving(Flaky(), num_workers=1, max_wait_ms=1) as (_, client, app):
+        _ready(client)
+        first = client.post("/v1/score", json=GOOD)
+        assert first.status_code >= 500 and "error" in first.json()
+        assert client.post("/v1/score", json=GOOD).status_code == 200  # the same worker scores again
+        assert client.get("/readyz").json() == {"status": "ready"}
+        state = app.state.zreward
+        state.batcher.close()  # workers gone: not ready any more
+        _check_error(client.get("/readyz"), 503, "not_ready")
 
 
 def test_metrics():

@@ -286,13 +286,23 @@ class DynamicBatcher:
             if batch:
                 try:
                     self._run_batch(batch)
-                except BaseException as e:  # never leave callers waiting forever
+                except BaseException as e:  # noqa: BLE001 - the worker must outlive any scorer failure
+                    # A BaseException from the scorer (not an Exception: _run_batch isolates those per
+                    # item) fails this batch only; the worker goes on with the next one, or every
+                    # later request would wait for a dead thread (issue 12).
+                    logger.exception("batch worker: the scorer raised %r; the batch failed, the worker goes on", e)
                     for r in batch:
                         _set(r.future, exc=BatcherError(f"batch worker failed: {e!r}"))
-                    raise
+                    with self._cond:
+                        self._failed += len(batch)
                 finally:
                     with self._cond:
                         self._in_flight -= len(batch)
+
+    @property
+    def workers_alive(self) -> bool:
+        """Every worker thread is running (a closed batcher has none)."""
+        return not self._closing and all(t.is_alive() for t in self._workers)
 
     def _next_batch(self) -> list[_Request] | None:
         """Wait for a batch: the oldest request plus others of its key, up to the limits."""

@@ -192,8 +192,12 @@ class _State:
     def check_ready(self) -> None:
         if self.closing:
             raise HTTPError(503, "shutting_down", "the server is shutting down")
+        if self.warmup_error is not None:  # the details, with paths, are in the log
+            raise HTTPError(503, "not_ready", "warm-up failed; the details are in the server log")
         if not self.ready.is_set() or self.batcher is None:
-            raise HTTPError(503, "not_ready", self.warmup_error or "the model is loading or warming up")
+            raise HTTPError(503, "not_ready", "the model is loading or warming up")
+        if not self.batcher.workers_alive:
+            raise HTTPError(503, "not_ready", "the scoring workers are not running; see the server log")
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.limits.max_body_bytes
