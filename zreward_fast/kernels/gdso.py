@@ -44,6 +44,7 @@ import triton.language as tl
 
 from .. import reference
 from ..reference import GDSOOutput
+from .score_rows import masked_log_softmax
 from .utils import INTERPRET, block_k, interp_cast
 
 __all__ = ["GDSOLaunchConfig", "GDSOFunction", "gdso_fwd", "gdso_bwd", "gdso_loss_triton", "INTERPRET", "MAX_G"]
@@ -51,20 +52,6 @@ __all__ = ["GDSOLaunchConfig", "GDSOFunction", "gdso_fwd", "gdso_bwd", "gdso_los
 # One program holds a [BLOCK_G, BLOCK_G] pairwise tile per side in registers; past this G the
 # tile no longer fits and the driver falls back to the torch reference (same results).
 MAX_G = 256
-
-
-@triton.jit
-def _gdso_side_softmax(b_z, m_k):
-    """Row softmax of a [BLOCK_G, BLOCK_K] block; padded columns (m_k False) get p = 0."""
-    b_z = tl.where(m_k[None, :], b_z, float("-inf"))
-    b_max = tl.max(b_z, axis=1)
-    b_e = tl.exp(b_z - b_max[:, None])
-    b_sum = tl.sum(b_e, axis=1)
-    b_logp = b_z - b_max[:, None] - tl.log(b_sum)[:, None]
-    # p = exp(log p), as the reference computes it: mu then matches it to the last bits, which
-    # matters for the advantages (a reward error is divided by the group's std).
-    b_p = tl.exp(b_logp)
-    return b_logp, b_p
 
 
 @triton.jit
@@ -140,8 +127,8 @@ def _gdso_fwd_kernel(
     p_z0 = logits + i_p * stride_zp + o_g[:, None] * stride_zg + o_k[None, :] * stride_zk
     b_z0 = tl.load(p_z0, mask=m_gk, other=0.0).to(tl.float32)
     b_z1 = tl.load(p_z0 + stride_zj, mask=m_gk, other=0.0).to(tl.float32)
-    b_logp0, b_p0 = _gdso_side_softmax(b_z0, m_k)
-    b_logp1, b_p1 = _gdso_side_softmax(b_z1, m_k)
+    b_logp0, b_p0 = masked_log_softmax(b_z0, m_k)
+    b_logp1, b_p1 = masked_log_softmax(b_z1, m_k)
     b_mu0 = tl.sum(b_p0 * b_s[None, :], axis=1)
     b_mu1 = tl.sum(b_p1 * b_s[None, :], axis=1)
 

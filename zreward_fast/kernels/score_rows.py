@@ -77,12 +77,14 @@ def score_row_logits(
 
 @triton.jit
 def masked_log_softmax(b_z, m_k):
-    """(log p, p) over the K valid columns; padded columns get log p = -inf and p = 0."""
+    """(log p, p) over the K valid columns; padded columns get log p = -inf and p = 0.
+
+    p = exp(log p), as the reference computes it: means then match it to the last bits, which
+    matters for GDSO's advantages (a reward error is divided by the group's std)."""
     b_zm = tl.where(m_k[None, :], b_z, float("-inf"))
     b_max = tl.max(b_zm, axis=1)
-    b_e = tl.exp(b_zm - b_max[:, None])
-    b_sum = tl.sum(b_e, axis=1)
-    return b_zm - b_max[:, None] - tl.log(b_sum)[:, None], b_e / b_sum[:, None]
+    b_logp = b_zm - b_max[:, None] - tl.log(tl.sum(tl.exp(b_zm - b_max[:, None]), axis=1))[:, None]
+    return b_logp, tl.exp(b_logp)
 
 
 @triton.jit
