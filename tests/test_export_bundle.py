@@ -26,6 +26,25 @@ def fp32_bundle(rm, tmp_path_factory):
     return export_bundle(rm, tmp_path_factory.mktemp("b") / "fp32", num_pairs=50, progress=False)
 
 
+@pytest.fixture
+def reuse_graphs(fp32_bundle, monkeypatch):
+    """export_bundle with the ONNX export replaced by a copy of the fp32 bundle's graphs (exported
+    from the same `rm`, decomposed GDN): for tests of what happens around the export, which then
+    still runs the tokenizer, manifest, parity and staging for real, about 10 s less each."""
+    import shutil
+
+    import zreward_fast.export.onnx_export as onnx_export
+
+    def copy(name):
+        def export(rm, path, *args, **kwargs):
+            shutil.copy2(fp32_bundle.path / name, path)
+            return [Path(path)]
+        return export
+
+    monkeypatch.setattr(onnx_export, "export_vision", copy("vision.onnx"))
+    monkeypatch.setattr(onnx_export, "export_decoder", copy("decoder.onnx"))
+
+
 @pytest.fixture(scope="module")
 def student(trained_student):
     return trained_student
@@ -183,7 +202,7 @@ def test_model_without_score_tokens_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_parity_failure_refuses_unless_forced(rm, tmp_path):
+def test_parity_failure_refuses_unless_forced(rm, reuse_graphs, tmp_path):
     strict = {"none": {"max_abs_dmu": 0.0, "pair_agreement": 1.01}}
     with pytest.raises(ExportParityError, match="pair") as e:
         export_bundle(rm, tmp_path / "strict", num_pairs=5, thresholds=strict, progress=False)
@@ -192,7 +211,7 @@ def test_parity_failure_refuses_unless_forced(rm, tmp_path):
     assert res.failures and json.loads((res.path / "manifest.json").read_text())["parity"]["failures"]
 
 
-def test_interrupted_export_leaves_the_old_bundle(rm, fp32_bundle, tmp_path, monkeypatch):
+def test_interrupted_export_leaves_the_old_bundle(rm, fp32_bundle, reuse_graphs, tmp_path, monkeypatch):
     """Issue 12: the new bundle is staged beside the destination and renamed in; an export that
     dies while moving it leaves the old bundle whole (it still verifies) and no staging."""
     import shutil
