@@ -39,6 +39,7 @@ import hmac
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -164,8 +165,40 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_json(body: bytes) -> Any:
-    """Strict UTF-8 JSON (no NaN/Infinity); every failure is a 400."""
+# A JSON string (no backtracking: the alternatives are disjoint), replaced before values are counted.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_values_budget(limits: RequestLimits) -> int:
+    """How many JSON values a well-formed request can hold: a few at the top, a prompt, an image and
+    up to one list of dimensions per item (generous)."""
+    return 64 + 32 * limits.max_items
+
+
+def check_json_size(body: bytes, budget: int) -> None:
+    """Refuse a body with more JSON values than ``budget`` before parsing it: every value after
+    the first follows a ``,`` or an opening bracket, so counting those outside strings bounds
+    them (every string is a value or a key). A 16 MiB body of tiny objects parses into half a GB of
+    Python objects; this reads the bytes once and copies nothing."""
+    total = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if total <= budget:  # the common case: no need to look inside strings
+        return
+    inside = 0
+    for n, m in enumerate(_JSON_STRING.finditer(body), 1):
+        if n > 2 * budget:  # more strings than values and keys can be
+            break
+        a, b = m.span()
+        inside += body.count(b",", a, b) + body.count(b"[", a, b) + body.count(b"{", a, b)
+    else:
+        if total - inside <= budget:
+            return
+    raise bad_request("invalid_json", f"body is not a valid request: more than {budget} JSON values, the most a request holds")
+
+
+def parse_json(body: bytes, budget: int | None = None) -> Any:
+    """Strict UTF-8 JSON (no NaN/Infinity), at most ``budget`` values; every failure is a 400."""
+    if budget is not None:
+        check_json_size(body, budget)
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -322,7 +355,7 @@ def decode_request(
     """
     if len(body) > limits.max_body_bytes:
         raise body_too_large(limits.max_body_bytes)
-    prompts, b64s, dims, batched = parse_request(parse_json(body), limits, known_dimensions)
+    prompts, b64s, dims, batched = parse_request(parse_json(body, json_values_budget(limits)), limits, known_dimensions)
     images = []
     for i, s in enumerate(b64s):
         where = f"items[{i}].image" if batched else "image"
