@@ -60,8 +60,9 @@ def _wait_until(cond, timeout=10.0):
 @contextmanager
 def serving(scorer=None, **config):
     scorer = scorer if scorer is not None else FakeScorer()
-    app = create_app(scorer, ServerConfig(**config))
-    with LiveServer(app) as srv:
+    cfg = ServerConfig(**config)
+    app = create_app(scorer, cfg)
+    with LiveServer(app, **cfg.uvicorn_options()) as srv:  # the production protocol and limits
         with httpx.Client(base_url=srv.url, timeout=30) as client:
             yield srv, client, app
 
@@ -616,4 +617,61 @@ def test_hostile_bodies_cannot_amplify_memory():
         sampler.join()
         assert set(codes) <= {400, 429} and 400 in codes, codes
         assert peak[0] - base < 300, (base, peak[0], codes)
+        assert client.post("/v1/score", json=GOOD).status_code == 200
+
+
+def test_slow_clients_cannot_hold_connections():
+    """Issue 12: 500 connections that sent half their headers stayed open indefinitely. With the
+    read deadline, 300 stalled connections (half a header, or a body trickling a byte at a time)
+    do not delay a well-formed request, and each is answered 408 or closed within the deadline."""
+    import select
+    import socket
+
+    with serving(FakeScorer(), warmup=False, read_timeout_s=1.0) as (srv, client, _app):
+        _ready(client)
+        host, port = srv.url.removeprefix("http://").split(":")
+        stalled = []
+        for i in range(300):
+            s = socket.create_connection((host, int(port)))
+            if i % 2:
+                s.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-type: app")  # half a header
+            else:
+                s.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                          b"content-length: 1000\r\n\r\n{")  # a body that never comes
+            stalled.append(s)
+        t = time.perf_counter()
+        assert client.post("/v1/score", json=GOOD).status_code == 200
+        assert time.perf_counter() - t < 2.0
+        # a trickle (a byte every 0.3 s) does not reset the deadline either
+        trickle = socket.create_connection((host, int(port)))
+        answers: dict = {}
+        t0 = time.perf_counter()
+        while len(answers) < len(stalled) and time.perf_counter() - t0 < 2.5:
+            ready, _, _ = select.select([s for s in stalled if s not in answers], [], [], 0.3)
+            for s in ready:
+                answers[s] = s.recv(4096)
+            try:
+                trickle.sendall(b"G")
+            except OSError:
+                pass
+        assert len(answers) == len(stalled), f"{len(stalled) - len(answers)} stalled connections still open after 2.5 s"
+        got = list(answers.values())
+        assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in got), {a[:40] for a in got}
+        assert sum(a.startswith(b"HTTP/1.1 408") for a in got) >= 150
+        trickle.settimeout(2.0)
+        try:  # closed by the deadline: a 408, an orderly close, or a reset (it kept sending after the 408)
+            end = trickle.recv(4096)
+        except ConnectionResetError:
+            end = b""
+        assert end == b"" or end.startswith(b"HTTP/1.1 408"), end[:40]
+        assert time.perf_counter() - t0 < 3.5
+        trickle.settimeout(2.0)
+        try:  # closed by the deadline: a 408, an orderly close, or a reset (it kept sending after the 408)
+            end = trickle.recv(4096)
+        except ConnectionResetError:
+            end = b""
+        assert end == b"" or end.startswith(b"HTTP/1.1 408"), end[:40]
+        assert time.perf_counter() - t0 < 3.5
+        for s in stalled + [trickle]:
+            s.close()
         assert client.post("/v1/score", json=GOOD).status_code == 200

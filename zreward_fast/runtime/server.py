@@ -93,12 +93,18 @@ class ServerConfig:
     warmup: bool = True  # run scorer.warmup() at start-up; /readyz is 503 until it is done
     resize_in_decoder: bool = True  # resize to the scorer's bucket in the decode threads
     shutdown_timeout_s: float = 30.0
+    # a request's headers and body must arrive within this (else 408 and the connection closes):
+    # slow clients cannot hold connections (runtime/protocol.py)
+    read_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0  # an idle kept-alive connection closes after this
+    max_connections: int = 1000  # past it uvicorn answers 503 to new requests
 
     def __post_init__(self) -> None:
         self.limits()  # validates the four limits
-        for name in ("max_batch_size", "max_queue", "num_workers", "decode_threads", "max_decoding_bytes"):
+        for name in ("max_batch_size", "max_queue", "num_workers", "decode_threads", "max_decoding_bytes",
+                     "max_connections"):
             positive_int(name, getattr(self, name))
-        for name in ("request_timeout_s", "shutdown_timeout_s"):
+        for name in ("request_timeout_s", "shutdown_timeout_s", "read_timeout_s", "keep_alive_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
@@ -111,6 +117,15 @@ class ServerConfig:
 
     def limits(self) -> RequestLimits:
         return RequestLimits(self.max_body_bytes, self.max_items, self.max_image_pixels, self.max_prompt_chars)
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """What uvicorn needs of this config: the read deadline, keep-alive, connection limit and
+        graceful-shutdown timeout."""
+        from .protocol import deadline_protocol
+
+        return {"http": deadline_protocol(self.read_timeout_s), "timeout_keep_alive": max(1, math.ceil(self.keep_alive_s)),
+                "limit_concurrency": self.max_connections,
+                "timeout_graceful_shutdown": max(1, math.ceil(self.shutdown_timeout_s))}
 
 
 _TRIM_AFTER_BYTES = 1 << 20  # bodies this large leave parse garbage worth handing back to the OS
@@ -417,5 +432,4 @@ def run_server(
     scorer = Scorer(bundle_dir, providers=providers, parallel_runs=parallel_runs)
     logger.info("loaded %r; config %s", scorer, {k: v for k, v in asdict(cfg).items() if k != "api_key"})
     app = create_app(scorer, cfg)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on",
-                timeout_graceful_shutdown=max(1, math.ceil(cfg.shutdown_timeout_s)))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on", **cfg.uvicorn_options())
