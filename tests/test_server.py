@@ -675,3 +675,28 @@ def test_slow_clients_cannot_hold_connections():
         for s in stalled + [trickle]:
             s.close()
         assert client.post("/v1/score", json=GOOD).status_code == 200
+
+
+def test_queued_items_of_a_disconnected_client_are_not_scored():
+    """Issue 12: a request whose client disconnected was still scored. Its queued items now leave
+    the queue when the connection closes."""
+    import socket
+
+    scorer = FakeScorer(latency_s=0.6)
+    with serving(scorer, warmup=False, num_workers=1, max_batch_size=1) as (srv, client, _app):
+        _ready(client)
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(client.post, "/v1/score", json=GOOD)  # holds the only worker 0.6 s
+            time.sleep(0.15)
+            host, port = srv.url.removeprefix("http://").split(":")
+            body = json.dumps(GOOD).encode()
+            s = socket.create_connection((host, int(port)))
+            s.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.15)  # read, decoded and queued behind the busy one
+            s.close()
+            assert busy.result().status_code == 200
+        time.sleep(0.8)  # the worker is free again: a queued item would have been scored by now
+        assert scorer.batch_sizes == [1], scorer.batch_sizes
+        assert _metrics(client)[("zreward_abandoned_items_total", ())] == 1
+        assert client.post("/v1/score", json=GOOD).status_code == 200

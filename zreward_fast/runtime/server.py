@@ -162,6 +162,8 @@ class _Metrics:
         self.latency = Histogram("zreward_stage_latency_seconds",
                                  "Latency per stage: decode, queue_wait, inference (per batch), total",
                                  ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.abandoned = Counter("zreward_abandoned_items", "Queued items dropped because their client disconnected",
+                                 registry=r)
         self.batch_failures = Counter("zreward_batch_retries", "Batches that failed whole and were retried one by one",
                                       registry=r)
 
@@ -287,8 +289,19 @@ class _State:
             self.metrics.latency.labels("decode").observe(time.perf_counter() - t)
         finally:
             self._decoding_bytes -= need
+        scoring = asyncio.ensure_future(
+            self.batcher.asubmit_many(req.images, req.prompts, req.dimensions, return_exceptions=True))
+        left = asyncio.ensure_future(_disconnected(request))
         try:
-            outs = await self.batcher.asubmit_many(req.images, req.prompts, req.dimensions, return_exceptions=True)
+            await asyncio.wait({scoring, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if not scoring.done():  # the client left: its items leave the queue instead of being scored
+            scoring.cancel()
+            self.metrics.abandoned.inc(len(req.images))
+            raise HTTPError(499, "client_disconnected", "the client closed the connection")
+        try:
+            outs = scoring.result()
         except BatcherError as e:  # queue full (429), timed out (504), closing (503)
             raise error_for_exception(e) from None
         for i, out in enumerate(outs):
@@ -298,6 +311,14 @@ class _State:
                     logger.error("scoring failed", exc_info=out)
                 raise err
         return JSONResponse(render_results(outs, req.batched))
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (its body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _error_response(err: HTTPError) -> JSONResponse:
