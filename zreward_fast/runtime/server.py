@@ -141,7 +141,7 @@ def _libc() -> Any:
 
 def release_memory() -> None:
     """Hand freed heap memory back to the OS: glibc keeps what a large parse freed in its arenas
-    (a 16 MiB body left the server ~500 MB larger without this). No-op off glibc."""
+    (issue 12 saw a server stay at ~680 MB, from 138, after hostile bodies). No-op off glibc."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
