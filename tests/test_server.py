@@ -665,13 +665,6 @@ def test_slow_clients_cannot_hold_connections():
             end = b""
         assert end == b"" or end.startswith(b"HTTP/1.1 408"), end[:40]
         assert time.perf_counter() - t0 < 3.5
-        trickle.settimeout(2.0)
-        try:  # closed by the deadline: a 408, an orderly close, or a reset (it kept sending after the 408)
-            end = trickle.recv(4096)
-        except ConnectionResetError:
-            end = b""
-        assert end == b"" or end.startswith(b"HTTP/1.1 408"), end[:40]
-        assert time.perf_counter() - t0 < 3.5
         for s in stalled + [trickle]:
             s.close()
         assert client.post("/v1/score", json=GOOD).status_code == 200
