@@ -693,3 +693,24 @@ def test_queued_items_of_a_disconnected_client_are_not_scored():
         assert scorer.batch_sizes == [1], scorer.batch_sizes
         assert _metrics(client)[("zreward_abandoned_items_total", ())] == 1
         assert client.post("/v1/score", json=GOOD).status_code == 200
+
+
+def test_requests_cut_by_the_shutdown_timeout_get_the_json_503():
+    """Issue 12: when the graceful-shutdown timeout ends, uvicorn cancels what is still running and
+    answered a plain-text 500; the contract's JSON 503 goes out instead."""
+    cfg = ServerConfig(max_batch_size=1, max_wait_ms=0, shutdown_timeout_s=1.0, warmup=False)
+    app = create_app(FakeScorer(latency_s=4.0), cfg)
+    srv = LiveServer(app, **cfg.uvicorn_options()).start()
+    try:
+        _wait_until(lambda: httpx.get(srv.url + "/readyz").status_code == 200)
+        batcher = app.state.zreward.batcher
+        with ThreadPoolExecutor(1) as ex:
+            running = ex.submit(httpx.post, srv.url + "/v1/score", json=GOOD, timeout=30)
+            _wait_until(lambda: batcher.stats().in_flight == 1)
+            t = time.perf_counter()
+            srv.request_stop()
+            r = running.result(20)
+        assert time.perf_counter() - t < 3.5
+        _check_error(r, 503, "shutting_down")
+    finally:
+        srv.stop()

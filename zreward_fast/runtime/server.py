@@ -345,6 +345,14 @@ class _MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_record)
+        except asyncio.CancelledError:
+            # uvicorn cancels requests still running when the graceful-shutdown timeout ends, and
+            # would answer them with a plain-text 500: they get the contract's JSON 503 instead
+            if status[0] != 499:
+                raise  # the response had started: nothing else can be sent
+            err = HTTPError(503, "shutting_down", "the server shut down before this request was scored")
+            response = _error_response(err)
+            await response(scope, receive, send_and_record)
         except Exception:
             status[0] = 500
             raise
