@@ -299,3 +299,26 @@ def test_multiple_workers():
         dt = time.perf_counter() - t
     assert len(outs) == 12 and sum(scorer.batch_sizes) == 12
     assert dt < 1.0
+
+
+def test_score_isolating_is_the_one_isolation_policy():
+    """Shared by the batcher and the Ray Serve deployment (issue 12): a failing batch is retried
+    item by item, so only the bad item fails; expired items are not retried."""
+    from zreward_fast.runtime.batcher import RequestTimeoutError, score_isolating
+
+    calls = []
+
+    def score(images, prompts, key):
+        calls.append(list(images))
+        if "bad" in images:
+            raise ValueError("bad image")
+        return [f"{key}:{x}" for x in images]
+
+    out, retried = score_isolating(score, ["a", "b"], ["p", "q"], "k")
+    assert out == [("k:a", None), ("k:b", None)] and not retried and calls == [["a", "b"]]
+    out, retried = score_isolating(score, ["a", "bad", "c", "d"], list("pqrs"), "k", expired=lambda i: i == 3)
+    assert retried and out[0] == ("k:a", None) and out[2] == ("k:c", None)
+    assert isinstance(out[1][1], ValueError) and isinstance(out[3][1], RequestTimeoutError)
+    assert ["d"] not in calls  # the expired item was not scored again
+    out, retried = score_isolating(lambda i, p, k: [], ["a"], ["p"], "k")
+    assert not retried and isinstance(out[0][1], RuntimeError)  # a wrong result count fails too

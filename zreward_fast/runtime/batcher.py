@@ -112,6 +112,38 @@ def _timeout_value(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def score_isolating(
+    score_fn: ScoreFn, images: list, prompts: list, key: Any,
+    expired: Callable[[int], bool] | None = None,
+) -> tuple[list[tuple[Any, Exception | None]], bool]:
+    """Score a batch; when the whole batch fails, score each item alone, so a bad item fails only
+    itself. Returns ``(result, None)`` or ``(None, exception)`` per item, and whether it retried.
+    ``expired(i)``: item i's caller has given up (not retried). The one home of this policy: the
+    batcher and the Ray Serve deployment both use it."""
+
+    def call(ims: list, prs: list) -> list:
+        out = list(score_fn(ims, prs, key))
+        if len(out) != len(ims):
+            raise RuntimeError(f"score_fn returned {len(out)} results for {len(ims)} inputs")
+        return out
+
+    try:
+        return [(x, None) for x in call(images, prompts)], False
+    except Exception as e:
+        if len(images) == 1:
+            return [(None, e)], False
+    outcomes: list[tuple[Any, Exception | None]] = []
+    for i in range(len(images)):
+        if expired is not None and expired(i):
+            outcomes.append((None, RequestTimeoutError("request timed out")))
+            continue
+        try:
+            outcomes.append((call([images[i]], [prompts[i]])[0], None))
+        except Exception as e1:
+            outcomes.append((None, e1))
+    return outcomes, True
+
+
 class DynamicBatcher:
     """Batches concurrent ``(image, prompt)`` requests into ``score_fn`` calls.
 
@@ -350,23 +382,9 @@ class DynamicBatcher:
         start = time.monotonic()
         key = batch[0].key
         outcomes: list[tuple[Any, BaseException | None]]
-        retried = False
-        try:
-            outcomes = [(x, None) for x in self._call([r.image for r in batch], [r.prompt for r in batch], key)]
-        except Exception as e:
-            if len(batch) == 1:
-                outcomes = [(None, e)]
-            else:  # isolate the bad item(s): retry each request alone
-                retried = True
-                outcomes = []
-                for r in batch:
-                    if r.deadline is not None and time.monotonic() >= r.deadline:
-                        outcomes.append((None, RequestTimeoutError("request timed out")))
-                        continue
-                    try:
-                        outcomes.append((self._call([r.image], [r.prompt], key)[0], None))
-                    except Exception as e1:
-                        outcomes.append((None, e1))
+        outcomes, retried = score_isolating(
+            self._score_fn, [r.image for r in batch], [r.prompt for r in batch], key,
+            expired=lambda i: batch[i].deadline is not None and time.monotonic() >= batch[i].deadline)
         inference_s = time.monotonic() - start
         failed = 0
         for r, (res, exc) in zip(batch, outcomes):
@@ -384,11 +402,6 @@ class DynamicBatcher:
             except Exception:
                 logger.exception("on_batch callback failed")
 
-    def _call(self, images: list, prompts: list, key: Any) -> list:
-        out = list(self._score_fn(images, prompts, key))
-        if len(out) != len(images):
-            raise RuntimeError(f"score_fn returned {len(out)} results for {len(images)} inputs")
-        return out
 
     # ------------------------------------------------------------------ lifecycle and stats
     def close(self, drain: bool = True, timeout: float | None = None) -> None:

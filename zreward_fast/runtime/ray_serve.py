@@ -26,6 +26,7 @@ import dataclasses
 from typing import Any, Callable
 
 from ..checks import positive_int
+from .batcher import score_isolating
 from .http_schema import (
     HTTPError,
     RequestLimits,
@@ -44,7 +45,7 @@ from .http_schema import (
 
 def _make_deployment(max_batch_size: int, batch_wait_timeout_s: float) -> Any:
     from ray import serve
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
 
     class ZRewardScorer:
@@ -79,21 +80,10 @@ def _make_deployment(max_batch_size: int, batch_wait_timeout_s: float) -> Any:
             for i, (_, _, dims) in enumerate(items):
                 groups[dims].append(i)
             for dims, idx in groups.items():
-                try:
-                    res = list(self.scorer.score([items[i][0] for i in idx], [items[i][1] for i in idx], dims))
-                    if len(res) != len(idx):
-                        raise RuntimeError(f"scorer returned {len(res)} results for {len(idx)} inputs")
-                    for i, r in zip(idx, res):
-                        out[i] = (True, r)
-                except Exception as e:
-                    if len(idx) == 1:
-                        out[idx[0]] = (False, e)
-                        continue
-                    for i in idx:  # isolate the bad item(s)
-                        try:
-                            out[i] = (True, self.scorer.score([items[i][0]], [items[i][1]], dims)[0])
-                        except Exception as e1:
-                            out[i] = (False, e1)
+                outcomes, _ = score_isolating(self.scorer.score, [items[i][0] for i in idx],
+                                              [items[i][1] for i in idx], dims)
+                for i, (res, exc) in zip(idx, outcomes):
+                    out[i] = (True, res) if exc is None else (False, exc)
             return out
 
         async def score_one(self, image: Any, prompt: str, dimensions: Any = None) -> tuple[bool, Any]:
@@ -130,11 +120,14 @@ def _make_deployment(max_batch_size: int, batch_wait_timeout_s: float) -> Any:
             check_content_type(request.headers.get("content-type"))
             check_content_length(request.headers.get("content-length"), self.limits.max_body_bytes)
             chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.limits.max_body_bytes:
-                    raise body_too_large(self.limits.max_body_bytes)
-                chunks.append(chunk)
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.limits.max_body_bytes:
+                        raise body_too_large(self.limits.max_body_bytes)
+                    chunks.append(chunk)
+            except ClientDisconnect:  # as the FastAPI server does: a 4xx, not an unexpected 500
+                raise HTTPError(400, "client_disconnected", "the client closed the connection mid-body") from None
             req = await asyncio.to_thread(decode_request, b"".join(chunks), self.limits, self.dimensions, self.bucket)
             answers = await asyncio.gather(*(self.score_one(im, p, req.dimensions) for im, p in zip(req.images, req.prompts)))
             results = []
