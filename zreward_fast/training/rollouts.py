@@ -49,12 +49,8 @@ class HFRolloutEngine:
         try:
             for r0 in range(0, rows, self.batch_size):
                 r1 = min(rows, r0 + self.batch_size)
-                chunk = left_pad({k: inputs[k][r0:r1] for k in ("input_ids", "attention_mask")},
-                                 self.pad_token_id if self.pad_token_id is not None else 0)
-                if "mm_token_type_ids" in inputs:
-                    chunk["mm_token_type_ids"] = left_pad(
-                        {"input_ids": inputs["mm_token_type_ids"][r0:r1],
-                         "attention_mask": inputs["attention_mask"][r0:r1]}, 0)["input_ids"]
+                chunk = left_pad({k: inputs[k][r0:r1] for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+                                  if k in inputs}, self.pad_token_id if self.pad_token_id is not None else 0)
                 chunk["pixel_values"] = inputs["pixel_values"][r0 * per_image : r1 * per_image]
                 chunk["image_grid_thw"] = inputs["image_grid_thw"][r0:r1]
                 gen = model.generate(
@@ -80,14 +76,17 @@ class HFRolloutEngine:
 
 
 def left_pad(inputs: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``/``attention_mask`` moved to the right edge (left padding)."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    """Right-padded ``[B, L]`` row tensors (``input_ids``, ``mm_token_type_ids``, ...) moved to the
+    right edge by their ``attention_mask`` (left padding): ``input_ids`` pad with ``pad_id``, the
+    others with 0."""
+    mask = inputs["attention_mask"]
     n = mask.sum(1)
     width = int(n.max())
-    ids, mask = ids[:, :width], mask[:, :width]
     # row r's token j (j < n_r) goes to column width - n_r + j
     o_col = torch.arange(width)[None, :] - (width - n)[:, None]
     valid = o_col >= 0
     src = o_col.clamp(min=0)
-    return {"input_ids": torch.where(valid, ids.gather(1, src), pad_id),
-            "attention_mask": valid.to(mask.dtype)}
+    out = {k: torch.where(valid, v[:, :width].gather(1, src), pad_id if k == "input_ids" else 0)
+           for k, v in inputs.items() if k != "attention_mask"}
+    out["attention_mask"] = valid.to(mask.dtype)
+    return out
