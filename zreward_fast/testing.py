@@ -113,6 +113,14 @@ def tiny_config(vocab_size: int, special_ids: dict[str, int], **overrides: Any) 
     )
 
 
+def _spread_score_rows(model: Any, hidden: int) -> None:
+    # Larger-than-default random output rows so an untrained model gives spread-out scores; the std
+    # scales with 1/sqrt(hidden) so score logits have std ~4 at any width (sharper would make an
+    # untrained model's distributions one-hot, and any perturbation flip them). With tied
+    # embeddings (the small Qwen3.5 sizes) this is the input embedding too.
+    model.lm_head.weight.data.normal_(0.0, 4.0 / hidden**0.5)
+
+
 def tiny_model(
     seed: int = 0,
     image_size: int = 64,
@@ -138,10 +146,7 @@ def tiny_model(
     with gen:
         torch.manual_seed(seed)
         model = Qwen3_5ForConditionalGeneration(config)
-        # Larger-than-default random score rows so an untrained model gives spread-out scores; the
-        # std scales with 1/sqrt(hidden) so score logits have std ~4 at any width (sharper would
-        # make an untrained model's distributions one-hot, and any perturbation flip them).
-        model.lm_head.weight.data.normal_(0.0, 4.0 / config.text_config.hidden_size**0.5)
+        _spread_score_rows(model, config.text_config.hidden_size)
     add_score_tokens(tokenizer, model, scale=scale, dimensions=DIMENSIONS)
     model = model.to(dtype).eval()
     processor = ZRewardProcessor(tokenizer, image_size=image_size, scale=scale, dimensions=DIMENSIONS)
@@ -159,6 +164,69 @@ def small_model(seed: int = 0, image_size: int = 224, dtype: torch.dtype = torch
     vision = dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, out_hidden_size=512,
                   num_position_embeddings=256)
     return tiny_model(seed, image_size=image_size, dtype=dtype, text=text, vision=vision)
+
+
+def real_config(name: str, layers: int | None = None, vision_depth: int | None = None,
+                vocab_size: int | None = None, special_ids: dict[str, int] | None = None) -> Any:
+    """The ``Qwen3_5Config`` of a published Qwen3.5 size ("0.8B", "2B", "4B", "9B", "27B"; see
+    :mod:`zreward_fast.qwen3_5_sizes` for the numbers and where they were read), at its real widths.
+
+    ``layers`` cuts the text depth (the layer pattern is kept: ``layers=4`` is three Gated DeltaNet
+    layers and one attention layer) and ``vision_depth`` the vision tower's, so real widths fit a
+    CPU. ``vocab_size`` (default the real 248,320) and ``special_ids`` (default the real token ids)
+    let a small tokenizer drive the model.
+    """
+    from transformers import Qwen3_5Config
+
+    from .qwen3_5_sizes import layer_types, size_spec
+
+    spec = size_spec(name)
+    text, vision = spec["text"], spec["vision"]
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        text.update(num_hidden_layers=layers, layer_types=layer_types(layers))
+    if vision_depth is not None:
+        if vision_depth < 1:
+            raise ValueError(f"vision_depth must be >= 1, got {vision_depth}")
+        vision["depth"] = vision_depth
+    if vocab_size is not None:
+        text["vocab_size"] = vocab_size
+    ids = spec["token_ids"]
+    if special_ids is not None:
+        ids = {"image_token_id": special_ids["<|image_pad|>"], "video_token_id": special_ids["<|video_pad|>"],
+               "vision_start_token_id": special_ids["<|vision_start|>"],
+               "vision_end_token_id": special_ids["<|vision_end|>"]}
+        text.update(pad_token_id=special_ids["<|endoftext|>"], eos_token_id=special_ids["<|im_end|>"])
+    return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie_word_embeddings"], **ids)
+
+
+def real_model(name: str, layers: int = 4, vision_depth: int = 2, image_size: int = 448, seed: int = 0,
+               vocab_size: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """A random model at a published Qwen3.5 size's real widths (reduced depth) and its processor.
+
+    The tokenizer is the tiny one (:func:`tiny_tokenizer`): its ids sit at the bottom of the real
+    248,320-row embedding (``vocab_size`` shrinks it where memory matters), so every width, head
+    count, rotary section and the tied or untied embedding are the real ones.
+    """
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from .processing import ZRewardProcessor
+    from .tokens import add_score_tokens
+
+    scale = ScoreScale()
+    tokenizer = tiny_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = real_config(name, layers, vision_depth, vocab_size, {t: vocab[t] for t in CHAT_SPECIAL_TOKENS})
+    if config.text_config.vocab_size < len(tokenizer) + len(DIMENSIONS) + len(scale.levels):
+        raise ValueError(f"vocab_size {config.text_config.vocab_size} is smaller than the tokenizer needs")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen3_5ForConditionalGeneration(config)
+        _spread_score_rows(model, config.text_config.hidden_size)
+    add_score_tokens(tokenizer, model, scale=scale, dimensions=DIMENSIONS)
+    model = model.to(dtype).eval()
+    return model, ZRewardProcessor(tokenizer, image_size=image_size, scale=scale, dimensions=DIMENSIONS)
 
 
 def demo_model(seed: int = 0, image_size: int = 128) -> tuple[Any, Any]:
