@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench gpu-check clean constraints
+.PHONY: install demo test test-heavy bench gpu-check clean constraints
 
 # constraints.txt: the exact versions the tests pass with (regenerate with `make constraints`)
 $(VENV)/.installed: setup.py Makefile constraints.txt
@@ -23,6 +23,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests -q -ra
+
+# The tests marked heavy (minutes each: `reproduce --quick`, the 9B-width student); CI runs them
+# after `make test`.
+test-heavy: install
+	ZREWARD_HEAVY=1 $(PY) -m pytest tests -q -ra -m heavy
 
 bench: install
 	$(PY) bench/bench_score_head.py

@@ -13,15 +13,19 @@ import torch  # noqa: E402
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by bench/gpu_check.sh)")
     config.addinivalue_line("markers", "slow: slow on CPU; still run by `make test`")
+    config.addinivalue_line("markers", "heavy: minutes each (the method end to end, 9B width): run by "
+                                       "`make test-heavy` (ZREWARD_HEAVY=1), CI's second step, not by `make test`")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_heavy = pytest.mark.skip(reason="heavy: run by `make test-heavy` (ZREWARD_HEAVY=1), CI's second step")
+    heavy = os.environ.get("ZREWARD_HEAVY") == "1"
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "heavy" in item.keywords and not heavy:
+            item.add_marker(skip_heavy)
 
 
 @pytest.fixture(scope="session")

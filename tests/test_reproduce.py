@@ -14,7 +14,7 @@ from zreward_fast.cli import main
 from zreward_fast.reproduce import GENERATOR_GT
 from zreward_fast.training.synthetic import DIMENSIONS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.heavy  # about 7 minutes: `make test-heavy`, CI's second step
 
 TEACHER_COLD, TEACHER = "teacher, cold start only", "teacher, GDSO"
 SCALAR, STUDENT = "scalar reward model (BT)", "student, RISD from the GDSO teacher"
@@ -46,7 +46,7 @@ def test_every_stage_runs_and_reports_every_row(run):
     assert list(rows) == [TEACHER_COLD, TEACHER, SCALAR, STUDENT, "student, RISD from ground truth", "student int8 bundle"]
     for name, r in rows.items():
         assert 0.0 <= r["hpa"] <= 1.0 and set(r["dimensions"]) == set(DIMENSIONS), name
-        assert r["pairs"] == 96 and r["conflicts"] == 32
+        assert r["pairs"] == 480 and r["conflicts"] == 32
         assert name in printed
     # the cost column: the teacher reasons on every dimension, the student scores all four in one pass
     assert rows[TEACHER]["cost"]["forward_passes_per_image"] == 4
@@ -67,7 +67,7 @@ def test_every_stage_runs_and_reports_every_row(run):
     assert sum(report["seconds"].values()) < 600
 
 
-# Learning, each a number that could fail (issue 10's "done means"), on 96 held-out pairs.
+# Learning, each a number that could fail (issue 10's "done means"), on 480 held-out pairs.
 def test_teachers_perceive_what_their_reasoning_names(run):
     """The perception warm-up: before it, the reason-then-score cold start left the vision tower
     unused (a blank image changed 1% of the reasoning tokens, realism HPA 0.33 in quick mode); with
@@ -77,11 +77,18 @@ def test_teachers_perceive_what_their_reasoning_names(run):
         assert rows[name]["dimensions"]["realism"]["hpa"] >= 0.75, (name, rows[name]["dimensions"]["realism"])
 
 
+def test_gdso_teacher_ranks_better_than_its_cold_start(run):
+    """GDSO raises the teacher's held-out HPA above its cold start's: +0.09 (seed 0) and +0.03
+    (seed 1) on 480 pairs in quick mode, +0.12 and +0.13 in the full runs (README). The claim's
+    +0.05 margin is recorded, not asserted: seed 1's quick run misses it."""
+    rows = run[1]["rows"]
+    assert rows[TEACHER]["hpa"] > rows[TEACHER_COLD]["hpa"], (rows[TEACHER]["hpa"], rows[TEACHER_COLD]["hpa"])
+
+
 def test_gdso_calibrates_the_teachers_distributions(run):
     """GDSO's pointwise term trains the score after the teacher's own sampled reasoning: the NLL of
-    the known level on held-out images falls (3.3-3.8 -> 2.1-2.6 in ten quick runs, 4.4 -> 1.9 in the
-    full run). Its HPA gain is recorded in the claims, not asserted: at this size the cold start is
-    within 0.05-0.1 of what this backbone reaches (README)."""
+    the known level on held-out images falls (3.3-3.8 -> 2.1-2.6 in twelve quick runs, 4.4 -> 1.9 in
+    the full run)."""
     rows = run[1]["rows"]
     assert rows[TEACHER]["nll"] < rows[TEACHER_COLD]["nll"] - 0.5, (rows[TEACHER]["nll"], rows[TEACHER_COLD]["nll"])
     assert run[1]["claims"]["GDSO teacher better calibrated than its cold start (NLL -0.5)"]
@@ -100,12 +107,13 @@ def test_generator_known_scores_rise_against_a_student_that_perceives(run):
 
 
 def test_report_states_each_claim_as_the_rows_measure_it(run):
-    """`report["claims"]` records the learning claims, held or not: the three asserted above agree
+    """`report["claims"]` records the learning claims, held or not: the ones asserted above agree
     with it. The other three held in the full run (all six at seed 0; README) but not reliably at
-    this size (GDSO +0.05 HPA above its cold start in none of ten quick runs, +0.00 to +0.03 with
-    96 benchmark pairs; the student within 0.03 of its teacher in all four quick runs with 96 or more
-    pairs but by margins within the draw; the known scores rising against the deployed student in
-    some runs only), so they are recorded there, not asserted."""
+    this size, so they are recorded there, not asserted: GDSO +0.05 above its cold start (seed 0
+    +0.09, seed 1 +0.03 on 480 pairs); the student within 0.03 of its teacher (seed 0: 0.64 against
+    0.75, seed 1: 0.77 against 0.76; the quick student, trained from scratch on 128 teacher-labelled
+    images, does not learn the teacher's aesthetics, 0.47-0.62 against 0.88, while the same student
+    on ground-truth targets reaches 0.88); the known scores rising against the deployed student."""
     claims = run[1]["claims"]
     assert len(claims) == 6 and all(isinstance(v, bool) for v in claims.values())
     assert claims["student conflict accuracy above the scalar model's"]
