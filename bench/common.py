@@ -191,9 +191,31 @@ def plot_rows(rows: list[dict], path: Path, title: str, label=None, color=None,
     plt.close(fig)
 
 
-def write_results(rows: list[dict], out_dir: Path, stem: str, fields: Sequence[str], title: str, **plot_kw) -> None:
+def plot_bars(rows: list[dict], path: Path, title: str, key: str, ylabel: str, label=None) -> None:
+    """One bar per row of ``row[key]`` (rows without it left out), the value written above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label = label or (lambda r: r["impl"])
+    shown = [r for r in rows if r.get(key) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    bars = ax.bar(range(len(shown)), [r[key] for r in shown], color="#4C72B0")
+    for b, r in zip(bars, shown):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r[key]:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(shown)), [label(r) for r in shown], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], out_dir: Path, stem: str, fields: Sequence[str], title: str, plot=None,
+                  **plot_kw) -> None:
     """``<stem>.csv`` (the record), ``<stem>.png`` when matplotlib imports (a GPU machine's python
-    may lack it: the CSV is what counts)."""
+    may lack it: the CSV is what counts). ``plot`` replaces :func:`plot_rows` (same arguments)."""
     csv_path = out_dir / f"{stem}.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(fields))
@@ -202,7 +224,7 @@ def write_results(rows: list[dict], out_dir: Path, stem: str, fields: Sequence[s
             w.writerow({k: fmt(r.get(k)) for k in fields})
     png_path: Path | None = out_dir / f"{stem}.png"
     try:
-        plot_rows(rows, png_path, title, **plot_kw)
+        (plot or plot_rows)(rows, png_path, title, **plot_kw)
     except ImportError as e:
         print(f"no plot: {e}")
         png_path = None

@@ -222,12 +222,16 @@ def test_interrupted_export_leaves_the_old_bundle(rm, fp32_bundle, reuse_graphs,
     shutil.copytree(fp32_bundle.path, out)
     before = (out / "manifest.json").read_text()
 
-    def dies_halfway(src, dst, **kw):
-        first = sorted(Path(src).iterdir())[0]
-        shutil.copy2(first, Path(dst) / first.name)
-        raise OSError("killed while copying the bundle")
+    move, moved = shutil.move, []
 
-    monkeypatch.setattr("zreward_fast.export.api.shutil.copytree", dies_halfway)
+    def dies_halfway(src, dst, **kw):
+        if tmp_path not in Path(dst).parents:  # the work directory's own moves
+            return move(src, dst, **kw)
+        if moved:
+            raise OSError("killed while moving the bundle in")
+        moved.append(move(src, dst, **kw))
+
+    monkeypatch.setattr("zreward_fast.export.api.shutil.move", dies_halfway)
     with pytest.raises(OSError, match="killed"):
         export_bundle(rm, out, num_pairs=5, progress=False, overwrite=True)
     verify_bundle(out)

@@ -8,6 +8,7 @@ thresholds is not written unless ``force`` is set; the error names the numbers t
 """
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -22,6 +23,11 @@ from ..fileio import staged_directory
 from ..modeling import ZRewardModel
 from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, GDN_FORMS, resolve_quant_mode
 
+
+
+# images per batch of the parity check: activations, not weights, set the peak at real widths (a
+# 448x448 batch of 32 took 4.7 GB in onnxruntime at 0.8B width, a batch of 2 about 0.7 GB)
+PARITY_BATCH = 2
 
 
 class ExportParityError(RuntimeError):
@@ -102,7 +108,7 @@ def export_bundle(
     from ..runtime import Scorer
     from ..runtime.bundle import write_manifest
     from .manifest import manifest_from_processor
-    from .onnx_export import export_decoder, export_vision
+    from .onnx_export import export_decoder, export_vision, free_weights
     from .parity import DEFAULT_THRESHOLDS, PARITY_TIE_TOL, check_thresholds, parity_report
 
     mode = resolve_quant_mode(quantize)
@@ -113,9 +119,20 @@ def export_bundle(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty")
-    rm = ZRewardModel.from_pretrained(model) if isinstance(model, (str, Path)) else model
+    owned = isinstance(model, (str, Path))
+    rm = ZRewardModel.from_pretrained(model) if owned else model
     rm = rm.eval().float()
     thresholds = (thresholds or DEFAULT_THRESHOLDS)[mode]
+    dims, levels = list(rm.dimensions), np.array(rm.scale.levels)
+
+    # The reference scores come first: the model is then only needed for the export, and a model
+    # loaded here is released before the bundle is loaded for the parity check (peak RAM: one copy
+    # of the weights at a time, not two).
+    images, prompts, pairs = held_out_pairs(num_pairs)
+    ref_results = []
+    for i in _progress(range(0, len(images), PARITY_BATCH), "reference scores", progress):
+        ref_results += rm.score(images[i : i + PARITY_BATCH], prompts[i : i + PARITY_BATCH], dims)
+    ref = _probs_from_results(ref_results, dims)
 
     work = Path(tempfile.mkdtemp(prefix="zreward-export-"))
     try:
@@ -131,30 +148,32 @@ def export_bundle(
                                external_data_threshold_bytes=external_data_threshold)
         rm.processor.tokenizer.save_pretrained(work / "tok")
         manifest = manifest_from_processor(rm.processor)
+        if owned:  # loaded here: its weights go before the bundle is loaded (one copy at a time)
+            free_weights(rm)
+            del rm
+            gc.collect()
         manifest.update({"format": "zreward-fast-bundle", "format_version": 1, "created_by": f"zreward-fast {__version__}",
                          "graphs": {"vision": "vision.onnx", "decoder": "decoder.onnx"}, "gdn": gdn, "opset": opset})
         if mode == "none":
             for f in fp32.iterdir():
-                shutil.copy2(f, bundle / f.name)
+                shutil.move(str(f), bundle / f.name)  # a rename: no second copy of the weights on disk
             manifest["quantization"] = {"mode": "none"}
         else:
             shutil.copy2(work / "tok" / "tokenizer.json", fp32 / "tokenizer.json")
             write_manifest(fp32, dict(manifest, quantization={"mode": "none"}))
             manifest["quantization"] = _quantize(fp32, bundle, mode, calib_dir, external_data_threshold, progress)
+            shutil.rmtree(fp32)
         shutil.copy2(work / "tok" / "tokenizer.json", bundle / "tokenizer.json")
         manifest["opset"] = _graph_opset(bundle / "decoder.onnx")  # quantizers may raise it (fp8: 19)
         manifest = write_manifest(bundle, manifest)
 
-        images, prompts, pairs = held_out_pairs(num_pairs)
-        dims = rm.dimensions
         scorer = Scorer(bundle)
-        ref_results, test_results = [], []
-        for i in _progress(range(0, len(images), 32), "parity", progress):
-            ref_results += rm.score(images[i : i + 32], prompts[i : i + 32], dims)
-            test_results += scorer.score(images[i : i + 32], prompts[i : i + 32], dims)
-        ref = _probs_from_results(ref_results, dims)
+        test_results = []
+        for i in _progress(range(0, len(images), PARITY_BATCH), "parity", progress):
+            test_results += scorer.score(images[i : i + PARITY_BATCH], prompts[i : i + PARITY_BATCH], dims)
+        del scorer
         test = _probs_from_results(test_results, dims)
-        report = parity_report(ref, test, np.array(rm.scale.levels), dims, {d: pairs[d] for d in dims if d in pairs},
+        report = parity_report(ref, test, levels, dims, {d: pairs[d] for d in dims if d in pairs},
                                tie_tol=PARITY_TIE_TOL)
         failures = check_thresholds(report, thresholds)
         report.update({"thresholds": thresholds, "failures": failures, "images": len(images), "pairs": num_pairs,
@@ -166,7 +185,8 @@ def export_bundle(
         # the finished bundle is copied beside the destination first (the work directory may be on
         # another filesystem), then renamed into place: a crash never leaves half a bundle at ``out``
         with staged_directory(out) as staged:
-            shutil.copytree(bundle, staged, dirs_exist_ok=True)
+            for f in bundle.iterdir():  # same filesystem: renames; otherwise one file at a time
+                shutil.move(str(f), staged / f.name)
         return ExportResult(out, manifest, report, failures)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -205,6 +205,17 @@ def _save(program: Any, path: Path, threshold: int) -> list[Path]:
     return [path] + ([data] if data.exists() else [])
 
 
+def _release(module: torch.nn.Module) -> None:
+    """torch.export's module-stack tracer keeps the traced root module alive after the export (a
+    proxy class per trace holds it): detach the model's submodules, parameters and buffers from the
+    wrapper so that they are freed with the model (export_bundle's peak RAM, issue 13). The
+    exporter's graphs still reference the parameters (onnxscript's pattern matchers keep the last
+    graph they matched): see :func:`free_weights` for a model the caller no longer needs."""
+    module._modules.clear()
+    module._parameters.clear()
+    module._buffers.clear()
+
+
 def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_names: list[str],
             output_names: list[str], axes: dict[tuple[str, int], str], threshold: int,
             table: dict | None = None) -> list[Path]:
@@ -251,7 +262,11 @@ def export_vision(
     pixels = batch.pixel_values.reshape(2, module.num_patches, -1).to(rm.device)
     pixels = single_frame_patches(pixels, module.channels, module.temporal_patch_size)
     axes = {("pixel_values", 0): "batch"}
-    return _export(module, (pixels,), Path(path), opset, VISION_INPUTS, VISION_OUTPUTS, axes, external_data_threshold_bytes)
+    try:
+        return _export(module, (pixels,), Path(path), opset, VISION_INPUTS, VISION_OUTPUTS, axes,
+                       external_data_threshold_bytes)
+    finally:
+        _release(module)
 
 
 def export_decoder(
@@ -269,8 +284,19 @@ def export_decoder(
     module = ExportDecoder(rm, gdn=gdn).eval()
     args = _decoder_example(rm, module.embed_tokens.embedding_dim)
     table = _contrib_translation_table() if gdn == "contrib" else None
-    return _export(module, args, Path(path), opset, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_AXES,
-                   external_data_threshold_bytes, table)
+    try:
+        return _export(module, args, Path(path), opset, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_AXES,
+                       external_data_threshold_bytes, table)
+    finally:
+        _release(module)
+
+
+def free_weights(model: torch.nn.Module) -> None:
+    """Empty every parameter and buffer of ``model`` in place, so their memory is returned even
+    while the exporter's caches still reference the tensor objects. The model is unusable after."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            t.data = torch.empty(0, dtype=t.dtype)
 
 
 def count_nodes(path: str | os.PathLike, subgraphs: bool = True) -> dict[str, int]:
