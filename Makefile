@@ -24,7 +24,7 @@ demo: install
 test: install
 	$(PY) -m pytest tests -q -ra
 
-# The tests marked heavy (minutes each: `reproduce --quick`); CI runs them
+# The tests marked heavy (minutes each: `reproduce --quick`, the 9B-width student); CI runs them
 # after `make test`.
 test-heavy: install
 	ZREWARD_HEAVY=1 $(PY) -m pytest tests -q -ra -m heavy
