@@ -5,15 +5,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# The package index can drop a large download midway (triton's 286 MB wheel once failed CI after
+# six resumes): pip resumes more, and each install step is tried three times before it fails.
+PIP     = $(PY) -m pip install --retries 10 --timeout 60 --resume-retries 30
+RETRY   = for try in 1 2 3; do
+DONE    = && break; [ $$try = 3 ] && exit 1; echo "pip failed (try $$try), retrying in 20 s"; sleep 20; done
 
 .PHONY: install demo test test-heavy bench gpu-check clean constraints
 
 # constraints.txt: the exact versions the tests pass with (regenerate with `make constraints`)
 $(VENV)/.installed: setup.py Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -c constraints.txt -e ".[dev,kernels]"
+	$(RETRY) $(PY) -m pip install --retries 10 --timeout 60 --upgrade pip $(DONE)
+	$(RETRY) $(PIP) "$(TORCH)" $(DONE)
+	$(RETRY) $(PIP) -c constraints.txt -e ".[dev,kernels]" $(DONE)
 	touch $@
 
 install: $(VENV)/.installed
