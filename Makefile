@@ -27,12 +27,12 @@ demo: install
 	$(PY) scripts/demo.py
 
 test: install
-	$(PY) -m pytest tests -q -ra
+	$(PY) -m pytest tests -q -ra -o tmp_path_retention_policy=failed
 
 # The tests marked heavy (minutes each: `reproduce --quick`, the 9B-width student); CI runs them
 # after `make test`.
 test-heavy: install
-	ZREWARD_HEAVY=1 $(PY) -m pytest tests -q -ra -m heavy
+	ZREWARD_HEAVY=1 $(PY) -m pytest tests -q -ra -o tmp_path_retention_policy=failed -m heavy
 
 bench: install
 	$(PY) bench/bench_score_head.py

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,34 +61,38 @@ def main() -> None:
     # the model is built and saved in a child too: a child's ru_maxrss starts at the parent's RSS
     # when it forks, so the parent must stay small (it imports neither torch nor the package)
     work = Path(tempfile.mkdtemp(prefix="export-memory-"))
-    build = (
-        "from zreward_fast import ZRewardModel; from zreward_fast.testing import real_model; "
-        f"m, p = real_model({args.size!r}, layers={args.layers}, vision_depth={args.vision_depth}, "
-        f"vocab_size={args.vocab or None}); ZRewardModel(m, p).save_pretrained({str(work / 'model')!r}); "
-        "print('PARAMS', sum({id(t): t.numel() for t in m.parameters()}.values()))"
-    )
-    _, _, output = child_peak([sys.executable, "-c", build])
-    params = int(output.split("PARAMS")[-1].split()[0])
-    weights_gb = params * 4 / 2**30
-    print(f"{args.size} width, {args.layers} layers, vocab {args.vocab or 248320}: {params / 1e6:.0f}M parameters, "
-          f"{weights_gb:.2f} GB fp32; saved to {work / 'model'}", flush=True)
+    try:  # the saved model and bundles are GBs at real width: never leave them behind
+        build = (
+            "from zreward_fast import ZRewardModel; from zreward_fast.testing import real_model; "
+            f"m, p = real_model({args.size!r}, layers={args.layers}, vision_depth={args.vision_depth}, "
+            f"vocab_size={args.vocab or None}); ZRewardModel(m, p).save_pretrained({str(work / 'model')!r}); "
+            "print('PARAMS', sum({id(t): t.numel() for t in m.parameters()}.values()))"
+        )
+        _, _, output = child_peak([sys.executable, "-c", build])
+        params = int(output.split("PARAMS")[-1].split()[0])
+        weights_gb = params * 4 / 2**30
+        print(f"{args.size} width, {args.layers} layers, vocab {args.vocab or 248320}: {params / 1e6:.0f}M parameters, "
+              f"{weights_gb:.2f} GB fp32; saved to {work / 'model'}", flush=True)
 
-    common = dict(size=args.size, layers=args.layers, vocab=args.vocab or 248320, params_m=params / 1e6,
-                  weights_gb=weights_gb)
-    peak, seconds, _ = child_peak([sys.executable, "-c", IMPORTS])
-    rows = [dict(common, impl="imports only", peak_gb=peak, peak_over_weights=peak / weights_gb, seconds=seconds)]
-    print(f"imports only: peak {peak:.2f} GB", flush=True)
-    for mode in args.quantize:
-        out = work / f"bundle-{mode}"
-        cmd = [sys.executable, "-m", "zreward_fast.cli", "export", "--model", str(work / "model"), "--out", str(out),
-               "--quantize", mode, "--pairs", str(args.num_pairs), "--force"]
-        peak, seconds, _ = child_peak(cmd)
-        parity = json.loads((out / "manifest.json").read_text())["parity"]
-        rows.append(dict(common, impl=f"export {mode}", peak_gb=peak, peak_over_weights=peak / weights_gb,
-                         seconds=seconds, mean_abs_dmu=parity["overall"]["mean_abs_dmu"],
-                         pooled_agreement=parity["overall"].get("pair_agreement_pooled")))
-        print(f"export {mode}: peak {peak:.2f} GB ({peak / weights_gb:.2f}x the fp32 weights), {seconds:.0f} s, "
-              f"mean |dmu| {parity['overall']['mean_abs_dmu']:.4f}", flush=True)
+        common = dict(size=args.size, layers=args.layers, vocab=args.vocab or 248320, params_m=params / 1e6,
+                      weights_gb=weights_gb)
+        peak, seconds, _ = child_peak([sys.executable, "-c", IMPORTS])
+        rows = [dict(common, impl="imports only", peak_gb=peak, peak_over_weights=peak / weights_gb, seconds=seconds)]
+        print(f"imports only: peak {peak:.2f} GB", flush=True)
+        for mode in args.quantize:
+            out = work / f"bundle-{mode}"
+            cmd = [sys.executable, "-m", "zreward_fast.cli", "export", "--model", str(work / "model"), "--out", str(out),
+                   "--quantize", mode, "--pairs", str(args.num_pairs), "--force"]
+            peak, seconds, _ = child_peak(cmd)
+            parity = json.loads((out / "manifest.json").read_text())["parity"]
+            rows.append(dict(common, impl=f"export {mode}", peak_gb=peak, peak_over_weights=peak / weights_gb,
+                             seconds=seconds, mean_abs_dmu=parity["overall"]["mean_abs_dmu"],
+                             pooled_agreement=parity["overall"].get("pair_agreement_pooled")))
+            print(f"export {mode}: peak {peak:.2f} GB ({peak / weights_gb:.2f}x the fp32 weights), {seconds:.0f} s, "
+                  f"mean |dmu| {parity['overall']['mean_abs_dmu']:.4f}", flush=True)
+
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     out_dir = args.out_dir or Path(__file__).resolve().parent / "results" / device_name("cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
