@@ -22,6 +22,7 @@ runtime ``Scorer``, or anything with ``score(images, prompts, dimensions) -> [{d
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -53,7 +54,7 @@ class TeacherScorer:
         self.generated_tokens = 0.0
 
     def score(self, images: Sequence[Any], prompts: Sequence[str], dimensions: Sequence[str] | str | None = None,
-              batch_size: int = 8) -> list[dict[str, Any]]:
+              batch_size: int = 32) -> list[dict[str, Any]]:
         from .dimensions import resolve_dimensions
         from .scale import result_from_probs
         from .training.labelling import teacher_outputs
@@ -76,10 +77,18 @@ class TeacherScorer:
                 "generated_tokens_per_image": per_dim * len(DIMENSIONS)}
 
 
-def load_source(source: Any, teacher: bool = False, **teacher_kwargs: Any) -> Any:
-    """Something with ``score(images, prompts, dimensions)`` for a directory, model or scorer."""
+def load_source(source: Any, teacher: bool = False, **kwargs: Any) -> Any:
+    """Something with ``score(images, prompts, dimensions)`` for a directory, model, scorer or the
+    URL of a running server (``kwargs`` go to the ``TeacherScorer`` with ``teacher``, or to the
+    ``HTTPScorer`` of a URL)."""
     from .modeling import ZRewardModel
 
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        from .integrations.http_client import HTTPScorer
+
+        return HTTPScorer(source, **kwargs)
+    if kwargs and not teacher:
+        raise TypeError(f"unexpected arguments {sorted(kwargs)} for a {type(source).__name__} source")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if (path / "manifest.json").is_file():
@@ -91,7 +100,7 @@ def load_source(source: Any, teacher: bool = False, **teacher_kwargs: Any) -> An
         source = ZRewardModel.from_pretrained(path)
     if isinstance(source, ZRewardModel):
         source.eval()
-        return TeacherScorer(source, **teacher_kwargs) if teacher else source
+        return TeacherScorer(source, **kwargs) if teacher else source
     if not callable(getattr(source, "score", None)):
         raise TypeError(f"cannot evaluate a {type(source).__name__}: give a model or bundle directory, a "
                         "ZRewardModel, a TorchEngine, a Scorer or an object with score(images, prompts, dimensions)")
@@ -118,6 +127,14 @@ def _calibration(probs: list[Sequence[float]], known: list[float], levels: Seque
         if m.any():
             ece += m.mean() * abs(float((pred[m] == truth[m]).mean()) - float(conf[m].mean()))
     return nll, float(ece)
+
+
+@functools.lru_cache(maxsize=1)
+def _benchmark(seed: int, pairs: int, conflicts: int, gaps: tuple[float, ...], size: int) -> tuple[tuple, tuple]:
+    """The benchmark and conflict pairs of one draw, kept for the next model evaluated on it (a
+    ``reproduce`` run evaluates every model on the same draw; PIL images are never modified here)."""
+    return (tuple(benchmark_pairs(seed, pairs, gaps, size=size)),
+            tuple(conflict_pairs(seed, conflicts, gaps, size=size)))
 
 
 def _score_items(scorer: Any, items: list[tuple[Any, str, str]], batch_size: int, progress: bool) -> list[Any]:
@@ -147,7 +164,7 @@ def evaluate(
     conflicts: int | None = None,
     gaps: Sequence[float] = GAPS,
     teacher: bool = False,
-    batch_size: int = 16,
+    batch_size: int = 32,
     size: int = 128,
     progress: bool = False,
     **teacher_kwargs: Any,
@@ -159,8 +176,7 @@ def evaluate(
     conflicts = pairs // 4 if conflicts is None else conflicts
     scorer = load_source(source, teacher, **teacher_kwargs)
     t0 = time.perf_counter()
-    bench = benchmark_pairs(seed, pairs, gaps, size=size)
-    conf = conflict_pairs(seed, conflicts, gaps, size=size)
+    bench, conf = _benchmark(seed, pairs, conflicts, tuple(gaps), size)
     items: list[tuple[Any, str, str]] = []
     for p in bench:
         items += [(p.images[0], p.prompt, p.dimension), (p.images[1], p.prompt, p.dimension)]

@@ -57,7 +57,7 @@ def label_risd_targets(
     dimensions: Sequence[str] | None = None,
     engine: RolloutEngine | None = None,
     num_samples: int = 1,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> Path:
     """Write a ``risd`` manifest with the teacher's distributions for every record (anything with
     ``.image`` and ``.prompt``) on every dimension."""
