@@ -37,7 +37,54 @@ def _score_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_many(args: argparse.Namespace) -> int:
+    """``score --images DIR | --manifest FILE | --table FILE --out FILE``: one row per image."""
+    from . import bulk_scoring as bs
+    from .evaluation import load_source
+    from .imaging import ImageError
+
+    if not args.out:
+        print("error: --out FILE.jsonl|.csv|.parquet is required with --images, --manifest or --table", file=sys.stderr)
+        return 2
+    pairs: list = []
+    try:
+        if args.images:
+            items, root = bs.folder_items(args.images, args.prompt), Path(args.images).resolve()
+        elif args.manifest:
+            (items, pairs), root = bs.manifest_items(args.manifest), Path(args.manifest).resolve().parent
+        else:
+            items, root = bs.table_items(args.table, args.image_column, args.prompt_column), Path(args.table).resolve().parent
+        scorer = load_source(args.bundle or args.model or args.url)
+        counts = bs.score_items(scorer, items, args.out, resume=args.resume, batch_size=args.batch_size,
+                                workers=args.workers, dimensions=args.dimensions)
+        rows = bs.read_rows(args.out)
+    except (ImageError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dims = list(args.dimensions or getattr(scorer, "dimensions", None) or DIMENSIONS)
+    print(f"{counts['total']} images: {counts['scored']} scored, {counts['errors']} unreadable, "
+          f"{counts['skipped']} already in {args.out}")
+    print(f"{'dimension':<13} {'mean':>6} {'std':>6} {'images':>7}")
+    for d, st in bs.summarize(rows, dims).items():
+        print(f"{d:<13} {st['mean']:6.3f} {st['std']:6.3f} {st['images']:7d}")
+    if pairs:
+        hpa = bs.pair_hpa(rows, pairs, root)
+        print("HPA on the manifest's pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in hpa.items()))
+    if args.plot:
+        bs.plot_histograms(rows, dims, args.plot)
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    if args.images or args.manifest or args.table:
+        return _score_many(args)
+    if args.image is None or args.prompt is None:
+        print("error: give --image and --prompt, or --images DIR / --manifest FILE / --table FILE with --out",
+              file=sys.stderr)
+        return 2
+    if args.url is not None:
+        print("error: --url scores folders, manifests and tables (--images, --manifest, --table)", file=sys.stderr)
+        return 2
     if args.bundle is not None:
         return _score_bundle(args)
     from .imaging import ImageError, load_image
@@ -219,12 +266,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zreward-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("score", help="score one image against its prompt on every dimension")
+    s = sub.add_parser("score", help="score one image, or a folder, manifest or table of them, on every dimension")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="directory of a saved ZRewardModel (model + processor)")
     src.add_argument("--bundle", help="directory of an exported bundle (ONNX runtime)")
-    s.add_argument("--image", required=True, help="image file (PNG, JPEG, WebP, ...)")
-    s.add_argument("--prompt", required=True, help="the generation prompt")
+    src.add_argument("--url", help="a running `zreward-fast serve` (folders, manifests and tables)")
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--image", help="one image file (PNG, JPEG, WebP, ...)")
+    what.add_argument("--images", help="a folder, scored recursively; prompts from --prompt or prompts.jsonl/.csv in it")
+    what.add_argument("--manifest", help="a scored, pairs or risd manifest (pairs: HPA is printed)")
+    what.add_argument("--table", help="a CSV or Parquet table with image and prompt columns")
+    s.add_argument("--prompt", help="the generation prompt (with --images: the prompt of every image)")
+    s.add_argument("--out", help="output of --images/--manifest/--table: .jsonl, .csv or .parquet, one row per image")
+    s.add_argument("--resume", action="store_true", help="skip the images already in --out (after a crash)")
+    s.add_argument("--workers", type=int, default=4, help="threads decoding images ahead of the scorer")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--plot", help="write a PNG of each dimension's histogram of means")
+    s.add_argument("--image-column", default="image")
+    s.add_argument("--prompt-column", default="prompt")
     s.add_argument("--dimensions", nargs="+", choices=DIMENSIONS, default=None)
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
