@@ -36,6 +36,9 @@ def test_score_errors(model_dir, tmp_path, capsys):
     good = tmp_path / "ok.png"
     Image.new("RGB", (8, 8)).save(good)
     assert main(["score", "--model", str(tmp_path / "none"), "--image", str(good), "--prompt", "x"]) == 2
+    assert "none not found" in capsys.readouterr().err  # not a directory, nor a hub repo id
+    (tmp_path / "empty").mkdir()
+    assert main(["score", "--model", str(tmp_path / "empty"), "--image", str(good), "--prompt", "x"]) == 2
     assert "config.json" in capsys.readouterr().err
     assert main(["score", "--bundle", str(tmp_path), "--image", str(good), "--prompt", "x"]) == 2
     assert "manifest" in capsys.readouterr().err

@@ -25,7 +25,7 @@ def _score_bundle(args: argparse.Namespace) -> int:
     from .runtime import BundleError, Scorer
 
     try:
-        scorer = Scorer(args.bundle)
+        scorer = Scorer(args.bundle, revision=args.revision)
         (scores,) = scorer.score([args.image], [args.prompt], dimensions=args.dimensions)
     except (ImageError, BundleError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -54,7 +54,7 @@ def _score_many(args: argparse.Namespace) -> int:
             (items, pairs), root = bs.manifest_items(args.manifest), Path(args.manifest).resolve().parent
         else:
             items, root = bs.table_items(args.table, args.image_column, args.prompt_column), Path(args.table).resolve().parent
-        scorer = load_source(args.bundle or args.model or args.url)
+        scorer = load_source(args.bundle or args.model or args.url, revision=args.revision)
         counts = bs.score_items(scorer, items, args.out, resume=args.resume, batch_size=args.batch_size,
                                 workers=args.workers, dimensions=args.dimensions)
         rows = bs.read_rows(args.out)
@@ -96,7 +96,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        model = ZRewardModel.from_pretrained(args.model, device=args.device)
+        model = ZRewardModel.from_pretrained(args.model, device=args.device, revision=args.revision)
         (scores,) = model.score([image], [args.prompt], dimensions=args.dimensions)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -114,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = args.bundle or args.model
     try:
         report = evaluate(source, seed=args.seed, pairs=args.pairs, conflicts=args.conflicts,
-                          teacher=args.teacher, progress=True)
+                          teacher=args.teacher, progress=True, revision=args.revision)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -189,9 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.api import ExportParityError, export_bundle
+    from .hub import resolve
 
     try:
-        result = export_bundle(args.model, args.out, quantize=args.quantize, calib_dir=args.calib, gdn=args.gdn,
+        result = export_bundle(resolve(args.model, args.revision), args.out, quantize=args.quantize, calib_dir=args.calib, gdn=args.gdn,
                                force=args.force, num_pairs=args.pairs, overwrite=args.overwrite)
     except ExportParityError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -224,7 +225,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"error: cannot read --api-key-file: {e}", file=sys.stderr)
             return 2
     try:
-        run_server(args.bundle, host=args.host, port=args.port, providers=args.providers,
+        from .hub import resolve
+
+        run_server(str(resolve(args.bundle, args.revision)), host=args.host, port=args.port, providers=args.providers,
                    parallel_runs=args.parallel_runs, **config)
     except (BundleError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -262,14 +265,17 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=name, type=kind, default=None, help=f"default: {f.default}")
 
 
+REVISION_HELP = "with a hub repo id (owner/name) for --model/--bundle: the branch, tag or commit to load"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zreward-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="score one image, or a folder, manifest or table of them, on every dimension")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="directory of a saved ZRewardModel (model + processor)")
-    src.add_argument("--bundle", help="directory of an exported bundle (ONNX runtime)")
+    src.add_argument("--model", help="directory (or hub repo id) of a saved ZRewardModel (model + processor)")
+    src.add_argument("--bundle", help="directory (or hub repo id) of an exported bundle (ONNX runtime)")
     src.add_argument("--url", help="a running `zreward-fast serve` (folders, manifests and tables)")
     what = s.add_mutually_exclusive_group()
     what.add_argument("--image", help="one image file (PNG, JPEG, WebP, ...)")
@@ -284,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", help="write a PNG of each dimension's histogram of means")
     s.add_argument("--image-column", default="image")
     s.add_argument("--prompt-column", default="prompt")
+    s.add_argument("--revision", help=REVISION_HELP)
     s.add_argument("--dimensions", nargs="+", choices=DIMENSIONS, default=None)
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -301,10 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", type=int, default=200, help="held-out synthetic pairs for the parity report")
     e.add_argument("--force", action="store_true", help="write the bundle even if it misses its parity thresholds")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    e.add_argument("--revision", help=REVISION_HELP)
     e.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI on uvicorn, dynamic batching)")
-    sv.add_argument("--bundle", required=True)
+    sv.add_argument("--bundle", required=True, help="bundle directory or hub repo id")
+    sv.add_argument("--revision", help=REVISION_HELP)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers (default: CPU)")
@@ -330,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--conflicts", type=int, default=None, help="conflict pairs (default: pairs / 4)")
     ev.add_argument("--teacher", action="store_true", help="the model is a reasoning teacher: reason, then score")
     ev.add_argument("--json", default=None, help="also write the full report to this JSON file")
+    ev.add_argument("--revision", help=REVISION_HELP)
     ev.set_defaults(func=cmd_eval)
 
     rp = sub.add_parser("reproduce", help="run the whole method in miniature (cold start, GDSO, labelling, "

@@ -27,7 +27,6 @@ import math
 import os
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -77,10 +76,11 @@ class TeacherScorer:
                 "generated_tokens_per_image": per_dim * len(DIMENSIONS)}
 
 
-def load_source(source: Any, teacher: bool = False, **kwargs: Any) -> Any:
-    """Something with ``score(images, prompts, dimensions)`` for a directory, model, scorer or the
-    URL of a running server (``kwargs`` go to the ``TeacherScorer`` with ``teacher``, or to the
-    ``HTTPScorer`` of a URL)."""
+def load_source(source: Any, teacher: bool = False, revision: str | None = None, **kwargs: Any) -> Any:
+    """Something with ``score(images, prompts, dimensions)`` for a directory or hub repo id (of a
+    model or bundle; ``revision`` pins the repo), a model, a scorer or the URL of a running server
+    (``kwargs`` go to the ``TeacherScorer`` with ``teacher``, or to the ``HTTPScorer`` of a URL)."""
+    from .hub import resolve
     from .modeling import ZRewardModel
 
     if isinstance(source, str) and source.startswith(("http://", "https://")):
@@ -90,7 +90,7 @@ def load_source(source: Any, teacher: bool = False, **kwargs: Any) -> Any:
     if kwargs and not teacher:
         raise TypeError(f"unexpected arguments {sorted(kwargs)} for a {type(source).__name__} source")
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = resolve(source, revision)
         if (path / "manifest.json").is_file():
             from .runtime import Scorer
 

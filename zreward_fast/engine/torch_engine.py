@@ -298,7 +298,7 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     """A local directory with ``config.json`` and safetensors weights; pickle weights are refused."""
     path = Path(model_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path} (TorchEngine loads local directories only)")
+        raise FileNotFoundError(f"model directory not found: {path}")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: not a directory written by ZRewardModel.save_pretrained")
     if not any(path.glob("*.safetensors")):
@@ -343,9 +343,12 @@ class TorchEngine:
         use_cuda_graphs: bool = True,
         fp8: bool = False,
         gdn: str = "auto",
+        revision: str | None = None,
     ) -> None:
+        from ..hub import resolve
+
         device, dtype = _check_device(device, dtype)
-        path = check_model_dir(model_dir)
+        path = check_model_dir(resolve(model_dir, revision))
         self.model_dir: Path | None = path
         self._setup(ZRewardModel.from_pretrained(path, torch_dtype=dtype, device=device), device, dtype, batch_buckets, seq_buckets,
                     use_cuda_graphs, fp8, gdn)

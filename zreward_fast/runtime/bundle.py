@@ -74,16 +74,30 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _bundle_files(bundle_dir: Path) -> list[str]:
-    """Every regular file under the bundle, as a posix path relative to it, except the manifest.
-    A symlink anywhere in it is refused: it could point outside the bundle, or hide a directory."""
+def _check_link(path: Path, links_within: Path | None) -> None:
+    """A symlink is refused (it could point outside the bundle, or hide a directory), except a link
+    to a regular file inside ``links_within``: the Hugging Face cache links a snapshot's files to
+    the repo's ``blobs/`` (zreward_fast.hub)."""
+    if not path.is_symlink():
+        return
+    if links_within is not None:
+        target = path.resolve()
+        if target.is_file() and not target.is_symlink() and target.is_relative_to(links_within.resolve()):
+            return
+    raise BundleError(f"{path}: a symlink inside a bundle; a bundle holds only regular files")
+
+
+def _bundle_files(bundle_dir: Path, links_within: Path | None = None) -> list[str]:
+    """Every regular file under the bundle, as a posix path relative to it, except the manifest
+    (symlinks: :func:`_check_link`)."""
     names = []
     for root, dirs, files in os.walk(bundle_dir):
         dirs.sort()
         for name in sorted(dirs + files):
             path = Path(root) / name
-            if path.is_symlink():
+            if path.is_symlink() and name in dirs:
                 raise BundleError(f"{path}: a symlink inside a bundle; a bundle holds only regular files")
+            _check_link(path, links_within)
         for name in sorted(files):
             rel = (Path(root) / name).relative_to(bundle_dir).as_posix()
             if rel != MANIFEST_NAME:
@@ -167,18 +181,20 @@ def _safe_name(name: str) -> bool:
     return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name and name != MANIFEST_NAME
 
 
-def verify_bundle(bundle_dir: str | os.PathLike, copy_to: str | os.PathLike | None = None) -> dict:
+def verify_bundle(bundle_dir: str | os.PathLike, copy_to: str | os.PathLike | None = None,
+                  links_within: str | os.PathLike | None = None) -> dict:
     """Check a bundle completely and return its manifest, or raise :class:`BundleError`.
 
     Checks: the manifest (see :func:`load_manifest`); both graphs and ``tokenizer.json`` listed;
     no listed file missing, no file unlisted, no symlink; every file's size and sha256 as listed.
     With ``copy_to`` (an empty, private directory) each file is hashed as it is copied there, so a
     loader that reads the copy runs exactly the bytes that were checked, whatever happens to the
-    bundle afterwards.
+    bundle afterwards. ``links_within``: the hub cache folder of a downloaded bundle, whose files
+    may be links into it (:func:`_check_link`).
     """
     root = Path(bundle_dir)
-    if (root / MANIFEST_NAME).is_symlink():
-        raise BundleError(f"{root / MANIFEST_NAME}: a symlink inside a bundle; a bundle holds only regular files")
+    links = Path(links_within) if links_within is not None else None
+    _check_link(root / MANIFEST_NAME, links)
     manifest = load_manifest(root)
     files: dict[str, dict[str, Any]] = manifest["files"]
     graphs = manifest["graphs"]
@@ -190,7 +206,7 @@ def verify_bundle(bundle_dir: str | os.PathLike, copy_to: str | os.PathLike | No
             raise BundleError(f"{root}: {g} graph {name!r} is missing from the manifest's file list")
     if TOKENIZER_NAME not in files:
         raise BundleError(f"{root}: {TOKENIZER_NAME} is missing from the manifest's file list")
-    present = set(_bundle_files(root))
+    present = set(_bundle_files(root, links))
     for name in files:
         if name not in present:
             raise BundleError(f"{root}: {name} is missing from the bundle directory")

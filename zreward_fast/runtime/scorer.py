@@ -57,8 +57,9 @@ class Scorer:
     """Scores images against prompts with an export bundle.
 
     Args:
-        bundle_dir: a directory written by ``zreward-fast export`` (see ``docs/bundle.md``); it is
-            verified (format, checksums, completeness) before anything is loaded.
+        bundle_dir: a directory written by ``zreward-fast export`` (see ``docs/bundle.md``), or the
+            hub repo id of one (``revision`` pins it; ``zreward_fast.hub``); it is verified (format,
+            checksums, completeness) before anything is loaded.
         providers: onnxruntime execution providers in priority order, e.g.
             ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; default CPU only.
         intra_op_num_threads: threads per graph run (onnxruntime's default when ``None``).
@@ -75,6 +76,7 @@ class Scorer:
         copy: verify the bundle while copying it into a private temporary directory (removed
             with the scorer) and load from that copy, so a bundle changed after its check cannot
             run; costs the bundle's size on ``TMPDIR``. ``False`` verifies and loads in place.
+        revision: a branch, tag or commit of a hub repo id.
     """
 
     def __init__(
@@ -85,8 +87,11 @@ class Scorer:
         spin_wait: bool = False,
         parallel_runs: int = 1,
         copy: bool = True,
+        revision: str | None = None,
     ) -> None:
         import onnxruntime as ort
+
+        from ..hub import cache_repo_dir, resolve
 
         # Cheap argument checks first: verifying hashes a bundle of possibly many GB.
         self.providers = _check_providers(providers)
@@ -99,14 +104,15 @@ class Scorer:
         if parallel_runs > 1 and intra_op_num_threads is None:
             opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // parallel_runs)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
-        self.bundle_dir = Path(bundle_dir)
+        self.bundle_dir = resolve(bundle_dir, revision)  # a directory, or a hub repo id (zreward_fast.hub)
         # verified while copied into a private directory, loaded from there: what runs is what was
         # checked, even if the bundle changes afterwards (copy=False: in place, no extra disk)
         self._private = tempfile.mkdtemp(prefix="zreward-bundle-") if copy else None
         if self._private is not None:
             weakref.finalize(self, shutil.rmtree, self._private, ignore_errors=True)
         try:
-            self.manifest: dict = verify_bundle(self.bundle_dir, copy_to=self._private)
+            self.manifest: dict = verify_bundle(self.bundle_dir, copy_to=self._private,
+                                                links_within=cache_repo_dir(self.bundle_dir))
         except BaseException:
             if self._private is not None:
                 shutil.rmtree(self._private, ignore_errors=True)

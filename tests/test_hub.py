@@ -1,0 +1,155 @@
+"""Models and bundles by hub repo id (issue 14, part 3), offline: a cache directory laid out as
+huggingface_hub lays it out (``models--owner--name/refs``, ``snapshots/<commit>``), read by the real
+``snapshot_download`` under ``HF_HUB_OFFLINE=1`` in a child process (the hub reads its settings at
+import)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("huggingface_hub")
+pytest.importorskip("onnxruntime")
+
+from zreward_fast.hub import is_repo_id, resolve  # noqa: E402
+
+
+def _cache_repo(cache: Path, repo_id: str, src: Path, refs: tuple[str, ...] = ("main",)) -> str:
+    """Put ``src`` in ``cache`` as one snapshot of model repo ``repo_id``; ``refs`` name it (default
+    ``main``). Files go to ``blobs/`` by content hash, linked from the snapshot, as the hub does."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(f"{repo_id}{sorted(p.name for p in src.rglob('*'))}".encode()).hexdigest()
+    snap = repo / "snapshots" / commit
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snap / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    for ref in refs:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return commit
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    from zreward_fast import ZRewardModel
+    from zreward_fast.export.api import export_bundle
+    from zreward_fast.testing import tiny_model
+
+    root = tmp_path_factory.mktemp("hub")
+    rm = ZRewardModel(*tiny_model(seed=7))
+    rm.save_pretrained(root / "model")
+    export_bundle(rm, root / "bundle", num_pairs=4, progress=False)
+    cache = root / "cache"
+    commits = {"model": _cache_repo(cache, "acme/zr-student", root / "model", ("main", "v1")),
+               "bundle": _cache_repo(cache, "acme/zr-bundle", root / "bundle")}
+    return root, cache, commits
+
+
+_CHILD = r"""
+import json, sys
+from PIL import Image
+import numpy as np
+from zreward_fast import ZRewardModel
+from zreward_fast.runtime import Scorer
+root, commit = sys.argv[1], sys.argv[2]
+img, prompt = Image.fromarray(np.full((32, 32, 3), 90, np.uint8)), "a grey square"
+out = {}
+for name, rev in (("main", None), ("tag", "v1"), ("commit", commit)):
+    rm = ZRewardModel.from_pretrained("acme/zr-student", revision=rev)
+    out[name] = rm.score([img], [prompt])[0]["realism"].mean
+out["local"] = ZRewardModel.from_pretrained(root + "/model").score([img], [prompt])[0]["realism"].mean
+out["bundle"] = Scorer("acme/zr-bundle").score([img], [prompt])[0]["realism"].mean
+out["bundle_local"] = Scorer(root + "/bundle").score([img], [prompt])[0]["realism"].mean
+for missing, rev in (("acme/nothing-here", None), ("acme/zr-student", "v2")):
+    try:
+        ZRewardModel.from_pretrained(missing, revision=rev)
+        out[missing + str(rev)] = "loaded"
+    except FileNotFoundError as e:
+        out[missing + str(rev)] = str(e)
+print(json.dumps(out))
+"""
+
+
+def _offline_env(cache: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "TRITON_INTERPRET"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf-home"))
+    return env
+
+
+def test_models_and_bundles_load_by_repo_id_and_revision_offline(hub):
+    root, cache, commits = hub
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), commits["model"]], env=_offline_env(cache),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["main"] == out["tag"] == out["commit"] == out["local"]
+    assert out["bundle"] == out["bundle_local"]
+    assert "not in the hub cache" in out["acme/nothing-hereNone"] or "neither a local directory" in out["acme/nothing-hereNone"]
+    assert "acme/zr-student@v2" in out["acme/zr-studentv2"]
+
+
+def test_cli_commands_take_repo_ids(hub, tmp_path):
+    root, cache, _ = hub
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "red.png")
+    env = _offline_env(cache)
+    cli = [sys.executable, "-m", "zreward_fast.cli"]
+    args = ["--image", str(tmp_path / "red.png"), "--prompt", "a red square", "--json"]
+    by_id = subprocess.run(cli + ["score", "--bundle", "acme/zr-bundle", *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+    local = subprocess.run(cli + ["score", "--bundle", str(root / "bundle"), *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert by_id.returncode == 0, by_id.stderr[-2000:]
+    assert json.loads(by_id.stdout) == json.loads(local.stdout)
+    model = subprocess.run(cli + ["score", "--model", "acme/zr-student", "--revision", "v1", *args], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert model.returncode == 0, model.stderr[-2000:]
+    assert set(json.loads(model.stdout)["scores"]) == {"alignment", "realism", "aesthetics", "plausibility"}
+
+
+def test_local_paths_win_and_bad_names_are_clear(tmp_path):
+    d = tmp_path / "acme" / "zr"
+    d.mkdir(parents=True)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert resolve("acme/zr") == Path("acme/zr")  # an existing directory is never fetched
+        with pytest.raises(ValueError, match="pins a hub repo"):
+            resolve("acme/zr", revision="main")
+    finally:
+        os.chdir(cwd)
+    with pytest.raises(FileNotFoundError, match="not found: not a local path, and not a hub repo id"):
+        resolve(tmp_path / "no" / "such" / "dir")
+    assert is_repo_id("Qwen/Qwen3.5-0.8B") and not is_repo_id("../x") and not is_repo_id("a/b/c")
+    shutil.rmtree(d)
+
+
+def test_a_cached_bundle_may_link_into_its_blobs_and_nowhere_else(hub, tmp_path):
+    from zreward_fast.hub import cache_repo_dir
+    from zreward_fast.runtime.bundle import BundleError, verify_bundle
+
+    root, cache, commits = hub
+    snap = cache / "models--acme--zr-bundle" / "snapshots" / commits["bundle"]
+    assert verify_bundle(snap, links_within=cache_repo_dir(snap))["files"]
+    with pytest.raises(BundleError, match="symlink"):
+        verify_bundle(snap)  # outside the hub cache a link is refused as before
+    copy = tmp_path / "models--evil--b" / "snapshots" / "0"
+    shutil.copytree(snap, copy, symlinks=False)
+    outside = tmp_path / "tokenizer.json"
+    shutil.copy(copy / "tokenizer.json", outside)
+    (copy / "tokenizer.json").unlink()
+    os.symlink(outside, copy / "tokenizer.json")  # same bytes, but a link out of the repo's cache
+    with pytest.raises(BundleError, match="symlink"):
+        verify_bundle(copy, links_within=cache_repo_dir(copy))

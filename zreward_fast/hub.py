@@ -1,0 +1,58 @@
+"""Models and bundles by name: a local directory, or a Hugging Face hub repo id (``owner/name``).
+
+A repo id is fetched with ``huggingface_hub.snapshot_download``: the usual cache (``HF_HOME`` /
+``HF_HUB_CACHE``), ``revision`` pinning (a branch, tag or commit), and ``HF_HUB_OFFLINE=1``
+(the cached snapshot, never the network). A local path always wins over a repo id of the same
+name. Torch-free: the runtime's ``Scorer`` resolves bundles through it too.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# owner/name, as the hub spells them (letters, digits, "-", "_", "."; no "..", no leading "-" or ".")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def is_repo_id(name: str | os.PathLike) -> bool:
+    s = str(name)
+    return bool(REPO_ID.match(s)) and ".." not in s and not s.endswith(".")
+
+
+def cache_repo_dir(path: str | os.PathLike) -> Path | None:
+    """The hub cache folder of the repo whose snapshot ``path`` is (``.../models--o--n/snapshots/<commit>``),
+    else None: the snapshot's files are links into its ``blobs/``."""
+    p = Path(path).absolute()
+    repo = p.parent.parent
+    if p.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")):
+        return repo
+    return None
+
+
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local directory of ``name_or_path``: itself if it exists, else the snapshot of the hub
+    repo of that id (downloaded into the cache unless offline)."""
+    path = Path(name_or_path)
+    if path.exists():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} pins a hub repo; {path} is a local directory")
+        return path
+    if not is_repo_id(name_or_path):
+        raise FileNotFoundError(f"{path} not found: not a local path, and not a hub repo id of the form owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError,
+                                            RevisionNotFoundError)
+    except ImportError as e:
+        raise ImportError(f"{name_or_path} is not a local directory; loading it from the Hugging Face hub "
+                          "needs huggingface_hub (pip install huggingface_hub)") from e
+    at = f"{name_or_path}@{revision}" if revision else str(name_or_path)
+    try:
+        return Path(snapshot_download(str(name_or_path), revision=revision))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(f"{at} is neither a local directory nor in the hub cache, and the hub could not be "
+                                f"reached (HF_HUB_OFFLINE set, or no network): {e}") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise FileNotFoundError(f"{at} is neither a local directory nor a hub repo and revision you can read: "
+                                f"{type(e).__name__}") from None
