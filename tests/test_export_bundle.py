@@ -71,7 +71,7 @@ def test_fp32_bundle_matches_pytorch(rm, fp32_bundle):
 def test_manifest_carries_everything_the_runtime_needs(fp32_bundle):
     m = json.loads((fp32_bundle.path / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["gdn"] == "decomposed" and m["quantization"]["mode"] == "none"
-    assert set(m["files"]) == {"vision.onnx", "decoder.onnx", "tokenizer.json"}
+    assert set(m["files"]) == {"vision.onnx", "decoder.onnx", "tokenizer.json", "README.md"}  # README: the model card
     assert m["dimensions"] == list(zf.DIMENSIONS) and m["scale"]["levels"][-1] == 4.0
     assert "{queries}" in m["prompt"]["format"]["student"] and m["image"]["size"] == 64
     assert m["parity"]["pairs"] == 50 and "mean_abs_dmu" in m["parity"]["overall"]
@@ -276,3 +276,26 @@ def test_cli_export_and_score_bundle(tmp_path, capsys):
     assert list(scores) == list(zf.DIMENSIONS)
     assert main(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "bundle"), "--pairs", "5"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_every_bundle_carries_its_model_card(rm, fp32_bundle, reuse_graphs, tmp_path):
+    """README.md (issue 14): dimensions, scale, quantization, the parity numbers as the manifest
+    holds them, the benchmark table when one is given, a usage snippet; listed and hashed in the
+    manifest like every other file, so a changed card fails verification."""
+    from zreward_fast.evaluation import evaluate
+    from zreward_fast.runtime.bundle import verify_bundle
+
+    card = (fp32_bundle.path / "README.md").read_text()
+    manifest = fp32_bundle.manifest
+    assert "README.md" in manifest["files"] and card.startswith("---\nlibrary_name: zreward-fast")
+    assert "alignment, realism, aesthetics, plausibility" in card and "| quantization | none |" in card
+    assert f"| mean_abs_dmu | {manifest['parity']['overall']['mean_abs_dmu']:.4f} |" in card
+    assert "## Benchmark" not in card and "Scorer(\"fp32\")" in card
+    report = evaluate(rm, seed=3, pairs=8, conflicts=2, size=64)
+    res = export_bundle(rm, tmp_path / "carded", num_pairs=5, progress=False, benchmark=report)
+    card = (res.path / "README.md").read_text()
+    assert "## Benchmark" in card and f"| carded | {report['hpa']:.2f} |" in card
+    verify_bundle(res.path)
+    (res.path / "README.md").write_text(card + "\nedited\n")
+    with pytest.raises(BundleError, match="README.md"):
+        verify_bundle(res.path)

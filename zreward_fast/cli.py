@@ -192,8 +192,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .hub import resolve
 
     try:
+        benchmark = json.loads(Path(args.benchmark).read_text()) if args.benchmark else None
         result = export_bundle(resolve(args.model, args.revision), args.out, quantize=args.quantize, calib_dir=args.calib, gdn=args.gdn,
-                               force=args.force, num_pairs=args.pairs, overwrite=args.overwrite)
+                               force=args.force, num_pairs=args.pairs, overwrite=args.overwrite, benchmark=benchmark)
     except ExportParityError as e:
         print(f"error: {e}", file=sys.stderr)
         print(json.dumps(e.report.get("overall", {}), indent=1), file=sys.stderr)
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="write the bundle even if it misses its parity thresholds")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     e.add_argument("--revision", help=REVISION_HELP)
+    e.add_argument("--benchmark", help="an `eval --json` report of the model, shown in the bundle's model card")
     e.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI on uvicorn, dynamic batching)")

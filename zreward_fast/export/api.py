@@ -103,11 +103,15 @@ def export_bundle(
     opset: int = 18,
     overwrite: bool = False,
     progress: bool = True,
+    benchmark: dict | None = None,
 ) -> ExportResult:
-    """Export ``model`` (a :class:`ZRewardModel` or a saved model directory) to a bundle."""
+    """Export ``model`` (a :class:`ZRewardModel` or a saved model directory) to a bundle, with its
+    model card (``README.md``: ``benchmark`` is an :func:`~zreward_fast.evaluation.evaluate` report
+    to show in it)."""
     from ..runtime import Scorer
-    from ..runtime.bundle import write_manifest
+    from ..runtime.bundle import update_manifest, write_manifest
     from .manifest import manifest_from_processor
+    from .model_card import CARD_NAME, model_card, model_info
     from .onnx_export import export_decoder, export_vision, free_weights
     from .parity import DEFAULT_THRESHOLDS, PARITY_TIE_TOL, check_thresholds, parity_report
 
@@ -148,6 +152,7 @@ def export_bundle(
                                external_data_threshold_bytes=external_data_threshold)
         rm.processor.tokenizer.save_pretrained(work / "tok")
         manifest = manifest_from_processor(rm.processor)
+        info = model_info(rm)
         if owned:  # loaded here: its weights go before the bundle is loaded (one copy at a time)
             free_weights(rm)
             del rm
@@ -179,7 +184,8 @@ def export_bundle(
         report.update({"thresholds": thresholds, "failures": failures, "images": len(images), "pairs": num_pairs,
                        "held_out": "synthetic clean/degraded pairs (zreward_fast.training.synthetic)"})
         manifest["parity"] = report
-        manifest = write_manifest(bundle, manifest)
+        (bundle / CARD_NAME).write_text(model_card(manifest, info, benchmark, out.name), encoding="utf-8")
+        manifest = update_manifest(bundle, manifest, [CARD_NAME])
         if failures and not force:
             raise ExportParityError(failures, report)
         # the finished bundle is copied beside the destination first (the work directory may be on

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 FORMAT_NAME = "zreward-fast-bundle"
 FORMAT_VERSION = 1
@@ -132,6 +132,19 @@ def write_manifest(bundle_dir: str | os.PathLike, manifest_without_files: dict) 
         name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
         for name in _bundle_files(root)
     }
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def update_manifest(bundle_dir: str | os.PathLike, manifest: dict, new_files: Sequence[str] = ()) -> dict:
+    """Rewrite ``manifest.json`` with ``manifest``, its ``files`` kept as they are (the graphs are not
+    hashed again: GBs at real sizes), plus entries for ``new_files`` hashed now; return it. For
+    what is added after :func:`write_manifest`: the parity report, the model card."""
+    root = Path(bundle_dir)
+    manifest = dict(manifest, files=dict(manifest["files"]))
+    for name in new_files:
+        _check_link(root / name, None)
+        manifest["files"][name] = {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return manifest
 
