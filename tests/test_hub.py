@@ -153,3 +153,46 @@ def test_a_cached_bundle_may_link_into_its_blobs_and_nowhere_else(hub, tmp_path)
     os.symlink(outside, copy / "tokenizer.json")  # same bytes, but a link out of the repo's cache
     with pytest.raises(BundleError, match="symlink"):
         verify_bundle(copy, links_within=cache_repo_dir(copy))
+
+
+class _RecordingApi:
+    """Stands in for ``HfApi`` (no network here): records what push_to_hub asks of the hub."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        self.calls.append(("upload_folder", kw["repo_id"], kw))
+        return type("CommitInfo", (), {"commit_url": f"https://hub.example/{kw['repo_id']}/commit/1"})()
+
+
+def test_push_verifies_a_bundle_before_any_upload(hub, tmp_path):
+    from zreward_fast.hub import push_to_hub
+    from zreward_fast.runtime.bundle import BundleError
+
+    root, _, _ = hub
+    api = _RecordingApi()
+    url = push_to_hub(root / "bundle", "acme/zr-bundle", revision="v2", private=True, api=api)
+    assert url == "https://hub.example/acme/zr-bundle/commit/1"
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    up = api.calls[-1][2]
+    assert up["folder_path"] == str(root / "bundle") and up["revision"] == "v2" and "bundle" in up["commit_message"]
+    assert push_to_hub(root / "model", "acme/zr-student", api=_RecordingApi()).endswith("/commit/1")
+    tampered = tmp_path / "bundle"
+    shutil.copytree(root / "bundle", tampered)
+    with (tampered / "tokenizer.json").open("a") as f:
+        f.write(" ")
+    api = _RecordingApi()
+    with pytest.raises(BundleError, match="tampered"):
+        push_to_hub(tampered, "acme/zr-bundle", api=api)
+    assert api.calls == []  # nothing was sent
+    with pytest.raises(ValueError, match="owner/name"):
+        push_to_hub(root / "bundle", "no-owner", api=api)
+    with pytest.raises(FileNotFoundError, match="neither a bundle"):
+        push_to_hub(tmp_path, "acme/x", api=api)

@@ -208,6 +208,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+    from .runtime import BundleError
+
+    try:
+        url = push_to_hub(args.dir, args.repo, revision=args.revision, private=args.private or None)
+    except (BundleError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(url)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime import BundleError
     from .runtime.server import run_server
@@ -323,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split each batch into this many parts run concurrently (CPU throughput; default 1)")
     _add_server_flags(sv)
     sv.set_defaults(func=cmd_serve)
+
+    pu = sub.add_parser("push", help="upload a bundle (verified first) or a saved model to the Hugging Face hub")
+    pu.add_argument("--dir", required=True, help="bundle or model directory")
+    pu.add_argument("--repo", required=True, help="hub repo id, owner/name (created if missing)")
+    pu.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.set_defaults(func=cmd_push)
 
     tr = sub.add_parser("train", help="train a teacher with GDSO or a student with RISD")
     tr.add_argument("algorithm", choices=["gdso", "risd"])

@@ -56,3 +56,33 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise FileNotFoundError(f"{at} is neither a local directory nor a hub repo and revision you can read: "
                                 f"{type(e).__name__}") from None
+
+
+def push_to_hub(directory: str | os.PathLike, repo_id: str, revision: str | None = None, private: bool | None = None,
+                commit_message: str | None = None, token: str | None = None, api: object | None = None) -> str:
+    """Upload a bundle or a saved model directory to hub repo ``repo_id`` (created if missing) and
+    return the commit URL. A bundle is verified first (a changed file is never published); a model
+    directory must hold ``config.json`` and safetensors weights. ``api``: an ``HfApi`` (default: a new one)."""
+    from .runtime.bundle import MANIFEST_NAME, verify_bundle
+
+    root = Path(directory)
+    if not is_repo_id(repo_id):
+        raise ValueError(f"repo_id must be owner/name, got {repo_id!r}")
+    if (root / MANIFEST_NAME).is_file():
+        verify_bundle(root)
+        what = "bundle"
+    elif (root / "config.json").is_file() and any(root.glob("*.safetensors")):
+        what = "model"
+    else:
+        raise FileNotFoundError(f"{root} is neither a bundle (manifest.json) nor a saved model (config.json and "
+                                "safetensors weights)")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(folder_path=str(root), repo_id=repo_id, revision=revision,
+                             commit_message=commit_message or f"Upload zreward-fast {what}")
+    return str(getattr(info, "commit_url", info))
