@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("huggingface_hub")
 pytest.importorskip("onnxruntime")
@@ -196,3 +197,35 @@ def test_push_verifies_a_bundle_before_any_upload(hub, tmp_path):
         push_to_hub(root / "bundle", "no-owner", api=api)
     with pytest.raises(FileNotFoundError, match="neither a bundle"):
         push_to_hub(tmp_path, "acme/x", api=api)
+
+
+def test_init_turns_a_base_checkpoint_into_a_reward_model(tmp_path):
+    """`zreward-fast init`: a base Qwen3.5 checkpoint (no score tokens) -> a model directory that
+    loads and scores, its new rows initialised from the text they stand for, the base rows kept."""
+    import torch
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from zreward_fast import ZRewardModel
+    from zreward_fast.cli import main
+    from zreward_fast.prompting import CHAT_SPECIAL_TOKENS
+    from zreward_fast.testing import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    vocab = tok.get_vocab()
+    torch.manual_seed(0)
+    base = Qwen3_5ForConditionalGeneration(tiny_config(len(tok), {t: vocab[t] for t in CHAT_SPECIAL_TOKENS}))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    assert main(["init", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "zr"), "--image-size", "64"]) == 0
+    rm = ZRewardModel.from_pretrained(tmp_path / "zr")
+    emb = rm.model.get_input_embeddings().weight
+    old = base.get_input_embeddings().weight
+    assert emb.shape[0] == old.shape[0] + 9 + 4 and torch.equal(emb[: old.shape[0]], old)
+    src = tok(" 2.5", add_special_tokens=False)["input_ids"]
+    new_id = rm.processor.tokenizer.convert_tokens_to_ids(rm.scale.tokens[5])
+    torch.testing.assert_close(emb[new_id], old[src].mean(0))
+    assert rm.processor.image_size == 64 and rm.processor.patch_size == base.config.vision_config.patch_size
+    out = rm.score([Image.new("RGB", (50, 70), (10, 200, 30))], ["a green square"])
+    assert set(out[0]) == {"alignment", "realism", "aesthetics", "plausibility"}
+    assert abs(sum(out[0]["realism"].probs) - 1) < 1e-5
+    assert main(["init", "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2

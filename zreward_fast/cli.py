@@ -208,6 +208,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from .modeling import ZRewardModel
+
+    try:
+        rm = ZRewardModel.from_base(args.base, image_size=args.image_size, dimensions=args.dimensions,
+                                    revision=args.revision)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rm.save_pretrained(args.out)
+    p = rm.processor
+    print(json.dumps({"out": args.out, "dimensions": list(rm.dimensions), "score_tokens": list(rm.scale.tokens),
+                      "image_size": p.image_size, "vocab_size": len(p.tokenizer)}, indent=1))
+    return 0
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_to_hub
     from .runtime import BundleError
@@ -336,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split each batch into this many parts run concurrently (CPU throughput; default 1)")
     _add_server_flags(sv)
     sv.set_defaults(func=cmd_serve)
+
+    ini = sub.add_parser("init", help="turn a base Qwen3.5 checkpoint into a Z-Reward model (score and dimension "
+                                      "tokens added and initialised, processor saved): the first step of training")
+    ini.add_argument("--base", required=True, help="base checkpoint directory or hub repo id (e.g. Qwen/Qwen3.5-0.8B)")
+    ini.add_argument("--out", required=True)
+    ini.add_argument("--image-size", type=int, default=448, help="the square image bucket (a multiple of 32)")
+    ini.add_argument("--dimensions", nargs="+", choices=DIMENSIONS, default=None)
+    ini.add_argument("--revision", help=REVISION_HELP)
+    ini.set_defaults(func=cmd_init)
 
     pu = sub.add_parser("push", help="upload a bundle (verified first) or a saved model to the Hugging Face hub")
     pu.add_argument("--dir", required=True, help="bundle or model directory")

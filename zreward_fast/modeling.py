@@ -175,3 +175,42 @@ class ZRewardModel(nn.Module):
         if device is not None:
             model = model.to(device)
         return cls(model.eval(), processor, **kwargs)
+
+    @classmethod
+    def from_base(
+        cls, base: str | os.PathLike, image_size: int = 448, scale: ScoreScale | None = None,
+        dimensions: Sequence[str] | None = None, torch_dtype: torch.dtype | None = None, revision: str | None = None,
+    ) -> "ZRewardModel":
+        """A Z-Reward model from a base Qwen3.5 checkpoint (a directory or hub repo id holding the
+        model, its tokenizer and optionally its ``preprocessor_config.json``): the score and
+        dimension-query tokens added, their rows initialised from the text they stand for
+        (:func:`zreward_fast.tokens.add_score_tokens`), and the processor built from the base's
+        vision settings. The first step of a real training run (``zreward-fast init``)."""
+        import json
+
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        from .dimensions import DIMENSIONS
+        from .hub import resolve
+        from .tokens import add_score_tokens
+
+        path = resolve(base, revision)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a model checkpoint")
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(path), local_files_only=True, dtype=torch_dtype or torch.float32, use_safetensors=True,
+            trust_remote_code=False,
+        )
+        scale = scale or ScoreScale()
+        dims = resolve_dimensions(dimensions, DIMENSIONS) if dimensions is not None else DIMENSIONS
+        add_score_tokens(tokenizer, model, scale=scale, dimensions=dims)
+        vision = model.config.vision_config
+        pre = path / "preprocessor_config.json"
+        norm = json.loads(pre.read_text()) if pre.is_file() else {}
+        processor = ZRewardProcessor(
+            tokenizer, image_size=image_size, patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size, image_mean=norm.get("image_mean", (0.5, 0.5, 0.5)),
+            image_std=norm.get("image_std", (0.5, 0.5, 0.5)), scale=scale, dimensions=dims,
+        )
+        return cls(model.eval(), processor)
