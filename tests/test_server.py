@@ -714,3 +714,25 @@ def test_requests_cut_by_the_shutdown_timeout_get_the_json_503():
         _check_error(r, 503, "shutting_down")
     finally:
         srv.stop()
+
+
+def test_openapi_schema_and_docs_describe_the_score_contract():
+    """`/openapi.json` and `/docs` (issue 14): the request and response models of /v1/score are
+    typed, and both pages need the API key when one is set."""
+    with serving(warmup=False) as (_, client, _):
+        schema = client.get("/openapi.json").json()
+        op = schema["paths"]["/v1/score"]["post"]
+        req = op["requestBody"]["content"]["application/json"]["schema"]
+        assert set(req["properties"]) == {"prompt", "image", "items", "dimensions"}
+        assert req["additionalProperties"] is False  # as the server refuses unknown fields
+        comps = schema["components"]["schemas"]
+        assert set(comps["DimensionScore"]["properties"]) == {"mean", "std", "probs"}
+        assert {"200", "400", "401", "413", "429", "503", "504"} <= set(op["responses"])
+        assert set(schema["paths"]) == {"/v1/score", "/healthz", "/readyz", "/metrics"}
+        page = client.get("/docs")
+        assert page.status_code == 200 and "/openapi.json" in page.text and "swagger" in page.text.lower()
+    with serving(warmup=False, api_key="s3cret") as (_, client, _):
+        for path in ("/openapi.json", "/docs"):
+            r = client.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+            assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200

@@ -62,7 +62,7 @@ from .http_schema import (
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_ENDPOINTS = frozenset({"/v1/score", "/healthz", "/readyz", "/metrics"})
+_ENDPOINTS = frozenset({"/v1/score", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -394,7 +394,11 @@ def create_app(scorer: Any, config: ServerConfig | None = None) -> FastAPI:
         logger.error("unhandled error on %s", request.url.path, exc_info=exc)
         return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
-    @app.post("/v1/score")
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    from .openapi import add_schemas, score_route_docs
+
+    @app.post("/v1/score", **score_route_docs())
     async def score(request: Request) -> Response:
         t0 = time.perf_counter()
         try:
@@ -426,6 +430,25 @@ def create_app(scorer: Any, config: ServerConfig | None = None) -> FastAPI:
         except HTTPError as e:
             return _error_response(e)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # the OpenAPI schema and Swagger UI, behind the API key when one is set
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> Response:
+        try:
+            state.check_auth(request)
+        except HTTPError as e:
+            return _error_response(e)
+        if app.openapi_schema is None:
+            app.openapi_schema = add_schemas(app.openapi())
+        return JSONResponse(app.openapi_schema)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        try:
+            state.check_auth(request)
+        except HTTPError as e:
+            return _error_response(e)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="zreward-fast API")
 
     return app
 
