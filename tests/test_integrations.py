@@ -234,3 +234,19 @@ def test_client_splits_batches_and_keeps_their_order():
     assert [r["alignment"].mean for r in out] == [float(i + 1) for i in range(8)]
     with pytest.raises(ValueError, match="http"):
         HTTPScorer("ftp://x")
+
+
+def test_reference_statistics_are_the_benchmark_images_scores(sources):
+    from zreward_fast.evaluation import _benchmark
+    from zreward_fast.integrations import reference_statistics
+    from zreward_fast.runtime import Scorer
+    from zreward_fast.training.synthetic import GAPS
+
+    stats = reference_statistics(sources[1], seed=1, pairs=8, size=64)
+    bench, _ = _benchmark(1, 8, 0, GAPS, 64)
+    images = [im for p in bench for im in p.images]
+    res = Scorer(sources[1]).score(images, [p.prompt for p in bench for _ in p.images])
+    for d in DIMENSIONS:
+        v = np.array([r[d].mean for r in res])
+        assert stats[d]["images"] == 16
+        assert abs(stats[d]["mean"] - v.mean()) < 1e-9 and abs(stats[d]["std"] - v.std()) < 1e-9

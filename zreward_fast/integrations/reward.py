@@ -162,3 +162,26 @@ def reward_fn(source: Any, weights: Mapping[str, float] | Sequence[float] | None
     if unknown or not dims:
         raise ValueError(f"unknown dimension(s) {unknown}; this model scores {list(known)}")
     return RewardFunction(scorer, dims, _weights(dims, weights), float(risk), batch_size, differentiable, known)
+
+
+def reference_statistics(source: Any, seed: int = 0, pairs: int = 128, size: int = 128,
+                         batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Mean and std over the synthetic benchmark's images of each dimension's predicted mean, for
+    users who normalise rewards across several reward models (``(reward - mean) / std``).
+
+    The images are both sides of ``pairs`` benchmark pairs of ``seed`` (zreward_fast.evaluation):
+    every dimension at every gap, so the statistics cover the whole score range."""
+    from ..evaluation import _benchmark, load_source
+    from ..training.synthetic import GAPS
+
+    scorer = load_source(source)
+    bench, _ = _benchmark(seed, pairs, 0, GAPS, size)
+    images = [im for p in bench for im in p.images]
+    prompts = [p.prompt for p in bench for _ in p.images]
+    results = scorer.score(images, prompts, None, batch_size=batch_size)
+    dims = list(results[0]) if results else []
+    out = {}
+    for d in dims:
+        v = np.array([r[d].mean for r in results], dtype=np.float64)
+        out[d] = {"mean": float(v.mean()), "std": float(v.std()), "images": int(v.size)}
+    return out
