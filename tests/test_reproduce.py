@@ -18,7 +18,6 @@ pytestmark = pytest.mark.heavy  # about 5 minutes: `make test-heavy`, CI's secon
 
 TEACHER_COLD, TEACHER = "teacher, cold start only", "teacher, GDSO"
 SCALAR, STUDENT = "scalar reward model (BT)", "student, RISD from the GDSO teacher"
-PRETRAINED = "pretrained stand-in, before RISD"
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +38,12 @@ def run(tmp_path_factory):
 
 def test_every_stage_runs_and_reports_every_row(run):
     out, report, printed = run
-    for d in ("pretrained", "teacher-cold", "teacher", "student", "student-gt", "scalar", "bundle"):
+    for d in ("teacher-cold", "teacher", "student", "student-gt", "scalar", "bundle"):
         assert (out / d).is_dir(), d
     for f in ("table.md", "hpa_by_gap.png", "generator.png", "reproduce.log", "data/risd_teacher.jsonl"):
         assert (out / f).is_file(), f
     rows = report["rows"]
-    assert list(rows) == [TEACHER_COLD, TEACHER, SCALAR, PRETRAINED, STUDENT, "student, RISD from ground truth",
-                          "student int8 bundle"]
+    assert list(rows) == [TEACHER_COLD, TEACHER, SCALAR, STUDENT, "student, RISD from ground truth", "student int8 bundle"]
     for name, r in rows.items():
         assert 0.0 <= r["hpa"] <= 1.0 and set(r["dimensions"]) == set(DIMENSIONS), name
         assert r["pairs"] == 480 and r["conflicts"] == 32
@@ -53,8 +51,7 @@ def test_every_stage_runs_and_reports_every_row(run):
     # the cost column: the teacher reasons on every dimension, the student scores all four in one pass
     assert rows[TEACHER]["cost"]["forward_passes_per_image"] == 4
     assert rows[TEACHER_COLD]["cost"]["generated_tokens_per_image"] > 0
-    for name in (STUDENT, PRETRAINED):
-        assert rows[name]["cost"] == {"forward_passes_per_image": 1.0, "generated_tokens_per_image": 0.0}
+    assert rows[STUDENT]["cost"] == {"forward_passes_per_image": 1.0, "generated_tokens_per_image": 0.0}
     # one scalar per image cannot order both sides of a conflict; distributions exist only for the others
     assert rows[SCALAR]["conflict_accuracy"] <= 0.25
     assert math.isnan(rows[SCALAR]["nll"])
@@ -111,12 +108,12 @@ def test_generator_known_scores_rise_against_a_student_that_perceives(run):
 
 def test_report_states_each_claim_as_the_rows_measure_it(run):
     """`report["claims"]` records the learning claims, held or not: the ones asserted above agree
-    with it. The other three are recorded, not asserted, because they do not hold reliably at this
-    size: GDSO +0.05 above its cold start (seed 0 +0.09, seed 1 +0.03 on 480 pairs); the student
-    within 0.03 of its teacher (seed 0: 0.71 against 0.75, seed 1: 0.70 against 0.76: the teacher's
-    labels of the 128 images barely follow the known aesthetics and plausibility, PLCC 0.12 and
-    -0.02 at seed 1, though its pairwise HPA on them is 0.82 and 0.62; README); the known scores
-    rising against the deployed student (held at seed 1, not at seed 0)."""
+    with it. The other three held in the full run (all six at seed 0; README) but not reliably at
+    this size, so they are recorded there, not asserted: GDSO +0.05 above its cold start (seed 0
+    +0.09, seed 1 +0.03 on 480 pairs); the student within 0.03 of its teacher (seed 0: 0.64 against
+    0.75, seed 1: 0.77 against 0.76; the quick student, trained from scratch on 128 teacher-labelled
+    images, does not learn the teacher's aesthetics, 0.47-0.62 against 0.88, while the same student
+    on ground-truth targets reaches 0.88); the known scores rising against the deployed student."""
     claims = run[1]["claims"]
     assert len(claims) == 6 and all(isinstance(v, bool) for v in claims.values())
     assert claims["student conflict accuracy above the scalar model's"]
