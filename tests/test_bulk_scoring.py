@@ -184,3 +184,23 @@ def test_bad_arguments_are_clear_errors(tmp_path, bundle, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["score", "--bundle", str(bundle), "--prompt", "x"]) == 2
     assert "--image" in capsys.readouterr().err
+
+
+def test_ray_data_run_gives_the_single_process_rows(tmp_path, bundle):
+    """`--ray local`: two Ray workers, each with its own Scorer, stream the rows to the output; the
+    rows equal the single-process run's, error row included."""
+    pytest.importorskip("ray.data")
+    prompts = _folder(tmp_path / "imgs", n=10)
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "ray.jsonl"
+    assert main(["score", "--bundle", str(bundle), "--images", str(tmp_path / "imgs"), "--out", str(ref)]) == 0
+    assert main(["score", "--bundle", str(bundle), "--images", str(tmp_path / "imgs"), "--out", str(out),
+                 "--ray", "local", "--workers", "2", "--batch-size", "3"]) == 0
+    want = {r["image"]: r for r in bs.read_rows(ref)}
+    got = bs.read_rows(out)
+    assert sorted(r["image"] for r in got) == sorted(want) == sorted(prompts)
+    for r in got:
+        w = want[r["image"]]
+        assert set(r) == set(w)
+        for d in DIMENSIONS:
+            if "error" not in w:
+                assert abs(r[f"{d}_mean"] - w[f"{d}_mean"]) < 1e-6

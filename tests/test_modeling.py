@@ -124,8 +124,11 @@ def test_save_and_from_pretrained(rm, tmp_path):
     for x, y in zip(a, b):
         for d in zf.DIMENSIONS:
             assert abs(x[d].mean - y[d].mean) < 1e-6
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="nope not found"):  # neither a directory nor a hub repo id
         ZRewardModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ZRewardModel.from_pretrained(tmp_path / "empty")
 
 
 def test_bad_inputs(rm):

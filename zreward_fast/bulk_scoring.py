@@ -233,23 +233,25 @@ def read_rows(out: str | os.PathLike) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------- scoring
-def _decoded(items: Sequence[Item], batch_size: int, workers: int) -> Iterator[list[tuple[Item, Any, str | None]]]:
-    """Batches of (item, RGB image or None, error), decoded by ``workers`` threads a batch ahead."""
+def _load(item: Item) -> tuple[Item, Any, str | None]:
+    """(item, RGB image, None), or (item, None, why) for an image that cannot be read."""
     from .imaging import ImageError, load_image
 
-    def load(item: Item) -> tuple[Item, Any, str | None]:
-        try:
-            return item, load_image(item.path), None
-        except (ImageError, OSError) as e:
-            return item, None, str(e)
+    try:
+        return item, load_image(item.path), None
+    except (ImageError, OSError) as e:
+        return item, None, str(e)
 
+
+def _decoded(items: Sequence[Item], batch_size: int, workers: int) -> Iterator[list[tuple[Item, Any, str | None]]]:
+    """Batches of (item, RGB image or None, error), decoded by ``workers`` threads a batch ahead."""
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="zreward-decode") as pool:
-        pending = [pool.map(load, b) for b in batches[:2]]
+        pending = [pool.map(_load, b) for b in batches[:2]]
         for i in range(len(batches)):
             yield list(pending[i])
             if i + 2 < len(batches):
-                pending.append(pool.map(load, batches[i + 2]))
+                pending.append(pool.map(_load, batches[i + 2]))
 
 
 def score_items(scorer: Any, items: Sequence[Item], out: str | os.PathLike, resume: bool = False,
@@ -258,8 +260,14 @@ def score_items(scorer: Any, items: Sequence[Item], out: str | os.PathLike, resu
     """Score ``items`` into ``out`` (``.jsonl``, ``.csv`` or ``.parquet``); returns the run's counts.
 
     With ``resume`` the keys already in ``out`` are skipped; without it ``out`` must not exist."""
-    from tqdm.auto import tqdm
+    out, todo = _todo(out, items, resume, batch_size)
+    dims = list(dimensions or getattr(scorer, "dimensions", None) or DIMENSIONS)
+    batches = (_score_batch(scorer, b, dims) for b in _decoded(todo, batch_size, workers))
+    return _write_batches(out, dims, resume, batches, len(items), len(todo), progress)
 
+
+def _todo(out: str | os.PathLike, items: Sequence[Item], resume: bool, batch_size: int) -> tuple[Path, list[Item]]:
+    """The output path, checked, and the items it does not hold yet."""
     from .checks import positive_int
 
     out = Path(out)
@@ -275,25 +283,77 @@ def score_items(scorer: Any, items: Sequence[Item], out: str | os.PathLike, resu
     if not resume and writer_path.exists():
         raise FileExistsError(f"{writer_path} exists: pass --resume to continue it, or remove it")
     done = _done_keys(writer_path) if resume else set()
-    todo = [it for it in items if it.key not in done]
-    dims = list(dimensions or getattr(scorer, "dimensions", None) or DIMENSIONS)
+    return out, [it for it in items if it.key not in done]
+
+
+def _write_batches(out: Path, dims: Sequence[str], resume: bool, batches: Iterator[list[dict]], total: int,
+                   todo: int, progress: bool) -> dict[str, Any]:
+    """Append each batch of rows to ``out`` as it arrives; the run's counts."""
+    from tqdm.auto import tqdm
+
     writer = _Writer(out, dims, append=resume)
-    counts = {"total": len(items), "skipped": len(items) - len(todo), "scored": 0, "errors": 0}
-    bar = tqdm(total=len(todo), desc="scoring", unit="img", disable=not progress)
+    counts = {"total": total, "skipped": total - todo, "scored": 0, "errors": 0}
+    bar = tqdm(total=todo, desc="scoring", unit="img", disable=not progress)
     finished = False
     try:
-        for batch in _decoded(todo, batch_size, workers):
-            rows = _score_batch(scorer, batch, dims)
+        for rows in batches:
             writer.write(rows)
             errors = sum("error" in r for r in rows)
             counts["scored"] += len(rows) - errors
             counts["errors"] += errors
-            bar.update(len(batch))
+            bar.update(len(rows))
         finished = True
     finally:
         bar.close()
         writer.close(finished)
     return counts
+
+
+class _RayScorer:
+    """A Ray Data worker: one scorer, loaded once, turning batches of items into output rows
+    (one JSON string a row, so every batch has the same schema whatever its errors)."""
+
+    def __init__(self, source: str, dims: Sequence[str]) -> None:
+        from .evaluation import load_source
+
+        self.scorer, self.dims = load_source(source), list(dims)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        items = [Item(str(k), str(p), str(t)) for k, p, t in zip(batch["key"], batch["path"], batch["prompt"])]
+        rows = _score_batch(self.scorer, [_load(it) for it in items], self.dims)
+        return {"row": [json.dumps(r) for r in rows]}
+
+
+def score_items_ray(source: str, items: Sequence[Item], out: str | os.PathLike, address: str = "local",
+                    resume: bool = False, batch_size: int = 16, workers: int = 2,
+                    dimensions: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """:func:`score_items` on Ray Data: ``workers`` actors each hold one scorer of ``source`` (a
+    model or bundle directory, hub id or server URL: workers load it themselves), batches stream
+    from the item table to ``out`` as they finish. ``address``: ``"local"`` starts a Ray on this
+    machine, anything else is passed to ``ray.init``."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise ImportError("--ray needs Ray Data: pip install 'zreward-fast[ray]'") from e
+    if not isinstance(source, str):
+        raise TypeError("with Ray the source must be a path, hub id or URL that every worker can load")
+    out, todo = _todo(out, items, resume, batch_size)
+    dims = list(dimensions or DIMENSIONS)
+    if not todo:
+        return _write_batches(out, dims, resume, iter(()), len(items), 0, progress)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.from_items([{"key": it.key, "path": it.path, "prompt": it.prompt} for it in todo])
+        ds = ds.map_batches(_RayScorer, fn_constructor_kwargs={"source": source, "dims": dims}, batch_size=batch_size,
+                            concurrency=workers, batch_format="numpy")
+        batches = ([json.loads(r) for r in b["row"]] for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
+        return _write_batches(out, dims, resume, batches, len(items), len(todo), progress)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _score_batch(scorer: Any, batch: list[tuple[Item, Any, str | None]], dims: list[str]) -> list[dict]:

@@ -41,6 +41,7 @@ def _score_many(args: argparse.Namespace) -> int:
     """``score --images DIR | --manifest FILE | --table FILE --out FILE``: one row per image."""
     from . import bulk_scoring as bs
     from .evaluation import load_source
+    from .hub import resolve
     from .imaging import ImageError
 
     if not args.out:
@@ -54,11 +55,18 @@ def _score_many(args: argparse.Namespace) -> int:
             (items, pairs), root = bs.manifest_items(args.manifest), Path(args.manifest).resolve().parent
         else:
             items, root = bs.table_items(args.table, args.image_column, args.prompt_column), Path(args.table).resolve().parent
-        scorer = load_source(args.bundle or args.model or args.url, revision=args.revision)
-        counts = bs.score_items(scorer, items, args.out, resume=args.resume, batch_size=args.batch_size,
-                                workers=args.workers, dimensions=args.dimensions)
+        source = args.bundle or args.model or args.url
+        if args.ray:  # each Ray worker loads the source itself
+            scorer = None
+            counts = bs.score_items_ray(str(resolve(source, args.revision)) if not args.url else source, items,
+                                        args.out, address=args.ray, resume=args.resume, batch_size=args.batch_size,
+                                        workers=args.workers, dimensions=args.dimensions)
+        else:
+            scorer = load_source(source, revision=args.revision)
+            counts = bs.score_items(scorer, items, args.out, resume=args.resume, batch_size=args.batch_size,
+                                    workers=args.workers, dimensions=args.dimensions)
         rows = bs.read_rows(args.out)
-    except (ImageError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ImageError, ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dims = list(args.dimensions or getattr(scorer, "dimensions", None) or DIMENSIONS)
@@ -315,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", help="the generation prompt (with --images: the prompt of every image)")
     s.add_argument("--out", help="output of --images/--manifest/--table: .jsonl, .csv or .parquet, one row per image")
     s.add_argument("--resume", action="store_true", help="skip the images already in --out (after a crash)")
-    s.add_argument("--workers", type=int, default=4, help="threads decoding images ahead of the scorer")
+    s.add_argument("--workers", type=int, default=4,
+                   help="threads decoding images ahead of the scorer (with --ray: Ray workers, one scorer each)")
+    s.add_argument("--ray", metavar="local|ADDRESS", help="run on Ray Data: a local Ray, or the address of a cluster")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--plot", help="write a PNG of each dimension's histogram of means")
     s.add_argument("--image-column", default="image")
