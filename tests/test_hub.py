@@ -229,3 +229,8 @@ def test_init_turns_a_base_checkpoint_into_a_reward_model(tmp_path):
     assert set(out[0]) == {"alignment", "realism", "aesthetics", "plausibility"}
     assert abs(sum(out[0]["realism"].probs) - 1) < 1e-5
     assert main(["init", "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    # the README's path from a base checkpoint to an RL reward: init, then reward_fn on the result
+    from zreward_fast.integrations import reward_fn
+
+    scores, info = reward_fn(tmp_path / "zr", risk=0.5)(torch.rand(2, 3, 48, 40), ["a cat", "a dog"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all() and info["realism_std"].shape == (2,)
