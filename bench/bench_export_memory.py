@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--vision-depth", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192, help="embedding rows (0: the real 248,320)")
     ap.add_argument("--quantize", nargs="+", default=["none", "int8"])
-    ap.add_argument("--num-pairs", type=int, default=16)
+    ap.add_argument("--pairs", type=int, default=16, help="held-out pairs of the parity check (export --pairs)")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
 
@@ -82,7 +82,7 @@ def main() -> None:
         for mode in args.quantize:
             out = work / f"bundle-{mode}"
             cmd = [sys.executable, "-m", "zreward_fast.cli", "export", "--model", str(work / "model"), "--out", str(out),
-                   "--quantize", mode, "--pairs", str(args.num_pairs), "--force"]
+                   "--quantize", mode, "--pairs", str(args.pairs), "--force"]
             peak, seconds, _ = child_peak(cmd)
             parity = json.loads((out / "manifest.json").read_text())["parity"]
             rows.append(dict(common, impl=f"export {mode}", peak_gb=peak, peak_over_weights=peak / weights_gb,

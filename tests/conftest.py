@@ -3,11 +3,27 @@ import os
 # The Triton interpreter must be chosen before anything imports triton: the kernels then run
 # on the CPU in fp32 and the tests compare them with the torch reference.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# nothing downloads at run time: models come from configs, hub tests from a local cache layout
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sources(tmp_path_factory):
+    """A tiny random model saved to a directory and its fp32 bundle: (model_dir, bundle_dir), for
+    the tests of what loads and scores them (integrations, bulk scoring, hub)."""
+    from zreward_fast import ZRewardModel
+    from zreward_fast.export.api import export_bundle
+    from zreward_fast.testing import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-sources")
+    rm = ZRewardModel(*tiny_model(seed=3))
+    rm.save_pretrained(root / "model")
+    export_bundle(rm, root / "bundle", num_pairs=4, progress=False)
+    return root / "model", root / "bundle"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -23,14 +23,8 @@ from zreward_fast.dimensions import DIMENSIONS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from zreward_fast import ZRewardModel
-    from zreward_fast.export.api import export_bundle
-    from zreward_fast.testing import tiny_model
-
-    out = tmp_path_factory.mktemp("bulk") / "bundle"
-    export_bundle(ZRewardModel(*tiny_model(seed=5)), out, num_pairs=4, progress=False)
-    return out
+def bundle(tiny_sources):
+    return tiny_sources[1]
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +155,13 @@ def test_pair_manifest_prints_hpa_and_a_table_scores_its_rows(tmp_path, bundle, 
     rows = bs.read_rows(tmp_path / "p.jsonl")
     assert len(rows) == len({img for r in records for img in r.images})
     hpa = bs.pair_hpa(rows, records, pairs.parent.resolve())
-    assert 0.0 <= hpa["overall"] <= 1.0 and set(hpa) - {"overall"} <= set(DIMENSIONS)
+    means = {str(Path(r["image"])): r for r in rows}
+    hits = []
+    for p in records:  # the same HPA, counted here from the rows by image path
+        a, b = (means[os.path.relpath(img, pairs.parent)][f"{p.dimension}_mean"] for img in p.images)
+        if p.scores[0] != p.scores[1]:
+            hits.append(0.5 if a == b else float((a > b) == (p.scores[0] > p.scores[1])))
+    assert abs(hpa["overall"] - sum(hits) / len(hits)) < 1e-12 and set(hpa) - {"overall"} <= set(DIMENSIONS)
     # a Parquet table with image and prompt columns, image paths relative to the table
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -42,16 +42,11 @@ def _cache_repo(cache: Path, repo_id: str, src: Path, refs: tuple[str, ...] = ("
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    from zreward_fast import ZRewardModel
-    from zreward_fast.export.api import export_bundle
-    from zreward_fast.testing import tiny_model
-
-    root = tmp_path_factory.mktemp("hub")
-    rm = ZRewardModel(*tiny_model(seed=7))
-    rm.save_pretrained(root / "model")
-    export_bundle(rm, root / "bundle", num_pairs=4, progress=False)
-    cache = root / "cache"
+def hub(tiny_sources, tmp_path_factory):
+    """The tiny model and bundle, each also as a repo in a local cache laid out as the hub's: the
+    tests load them by repo id with HF_HUB_OFFLINE=1, from that cache only (nothing downloads)."""
+    root = tiny_sources[0].parent
+    cache = tmp_path_factory.mktemp("hub") / "cache"
     commits = {"model": _cache_repo(cache, "acme/zr-student", root / "model", ("main", "v1")),
                "bundle": _cache_repo(cache, "acme/zr-bundle", root / "bundle")}
     return root, cache, commits

@@ -12,7 +12,6 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 pytest.importorskip("httpx")
 
-from zreward_fast import ZRewardModel  # noqa: E402
 from zreward_fast.dimensions import DIMENSIONS  # noqa: E402
 from zreward_fast.integrations import HTTPScorer, ServerError, reward_fn, to_images  # noqa: E402
 
@@ -20,16 +19,8 @@ PROMPTS = ["a red square", "two blue circles", "a green star above a cube"]
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    """A tiny model saved to a directory and its fp32 bundle."""
-    from zreward_fast.export.api import export_bundle
-    from zreward_fast.testing import tiny_model
-
-    root = tmp_path_factory.mktemp("integrations")
-    rm = ZRewardModel(*tiny_model(seed=3))
-    rm.save_pretrained(root / "model")
-    export_bundle(rm, root / "bundle", num_pairs=4, progress=False)
-    return root / "model", root / "bundle"
+def sources(tiny_sources):
+    return tiny_sources
 
 
 @pytest.fixture(scope="module")

@@ -262,9 +262,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as e:
             print(f"error: cannot read --api-key-file: {e}", file=sys.stderr)
             return 2
-    try:
-        from .hub import resolve
+    from .hub import resolve
 
+    try:
         run_server(str(resolve(args.bundle, args.revision)), host=args.host, port=args.port, providers=args.providers,
                    parallel_runs=args.parallel_runs, **config)
     except (BundleError, FileNotFoundError, ValueError) as e:

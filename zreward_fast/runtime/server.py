@@ -423,31 +423,33 @@ def create_app(scorer: Any, config: ServerConfig | None = None) -> FastAPI:
             return _error_response(e)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
+    def refused(request: Request) -> Response | None:
+        """The 401 answer when the API key is set and missing or wrong, else None."""
         try:
             state.check_auth(request)
         except HTTPError as e:
             return _error_response(e)
+        return None
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if (denied := refused(request)) is not None:
+            return denied
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # the OpenAPI schema and Swagger UI, behind the API key when one is set
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> Response:
-        try:
-            state.check_auth(request)
-        except HTTPError as e:
-            return _error_response(e)
+        if (denied := refused(request)) is not None:
+            return denied
         if app.openapi_schema is None:
             app.openapi_schema = add_schemas(app.openapi())
         return JSONResponse(app.openapi_schema)
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> Response:
-        try:
-            state.check_auth(request)
-        except HTTPError as e:
-            return _error_response(e)
+        if (denied := refused(request)) is not None:
+            return denied
         return get_swagger_ui_html(openapi_url="/openapi.json", title="zreward-fast API")
 
     return app
