@@ -127,9 +127,17 @@ def test_resume_loads_every_saved_model(run):
     from zreward_fast.reproduce import ReproduceConfig, reproduce
 
     out, report, _ = run
-    small = dataclasses.replace(ReproduceConfig.quick(), eval_pairs=8, eval_conflicts=0, generator_steps=2)
+    # one more student init (the full mode's spread over inits), trained briefly: the others load
+    small = dataclasses.replace(ReproduceConfig.quick(), eval_pairs=8, eval_conflicts=0, generator_steps=2,
+                                student_inits=2, risd_steps=4)
     again = reproduce(out, quick=True, config=small, resume=True)
     assert again["resumed"] and set(again["rows"]) == set(report["rows"])
+    inits = again["student_inits"]
+    assert (out / "student-init1" / "config.json").is_file() and len(inits["hpa"]) == 2
+    assert inits["hpa"][0] == again["rows"][STUDENT]["hpa"]
+    assert inits["min"] == min(inits["hpa"]) and abs(inits["mean"] - sum(inits["hpa"]) / 2) < 1e-12
+    assert "2 random inits" in (out / "table.md").read_text()
+    assert report["student_inits"] == {}  # quick mode trains one student
     for stage in ("teacher cold start", "GDSO", "labelling", "RISD", "scalar reward model", "export"):
         assert again["seconds"][stage] < 0.2 * max(report["seconds"][stage], 1.0), (stage, again["seconds"])
     direct = evaluate(out / "student", seed=again["eval_seed"], pairs=8, conflicts=0)
