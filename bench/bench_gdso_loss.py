@@ -32,7 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import DTYPES, SHORT, Timer, add_speedups, print_table, timing_fields, write_results  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES, SHORT, Timer, add_speedups, pick_impls, print_table, results_dir, start_kernel_bench, timing_fields,
+    write_results,
+)
 from common import device_name as _device_name  # noqa: E402
 CSV_FIELDS = ["impl", "P", "G", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90", "speedup_vs_eager", "note"]
 HP = dict(alpha_pt=1.0, alpha_pw=1.0, lambda_pt=0.5, lambda_pw=0.5, eps=1e-4)
@@ -119,28 +122,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.smoke:
         return _smoke(args.P, args.G, args.K)
-    gpu = args.device.startswith("cuda")
-    # Compiled kernels on a GPU; on CPU no interpreter in this (timing) process. Must precede
-    # the first import of triton.
-    os.environ["TRITON_INTERPRET"] = "0"
-    sys.path.insert(0, str(ROOT))
+    # compiled kernels on a GPU; on CPU no interpreter in this (timing) process
+    gpu = start_kernel_bench(args.device, interpret=False)
     import torch
 
     import zreward_fast.kernels as zk
     from zreward_fast import reference
 
-    if gpu and not torch.cuda.is_available():
-        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
     device_name = _device_name(args.device)
     dtype = getattr(torch, args.dtype)
     short = SHORT[args.dtype]
     dev = args.device
     P, G, K = args.P, args.G, args.K
-    impls = (["eager", "compile", "triton", "triton-kernel"] if args.impls == "all"
-             else [s.strip() for s in args.impls.split(",")])
-    out_dir = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results" / device_name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    impls = pick_impls(args.impls, ["eager", "compile", "triton", "triton-kernel"])
+    out_dir = results_dir(args.out_dir, dev)
 
     print(f"GDSO loss fwd+bwd  P={P} G={G} K={K} {short} on {device_name}  torch {torch.__version__}", flush=True)
     z, t, lv, grads = make_inputs(P, G, K, dtype, dev)

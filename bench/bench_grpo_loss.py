@@ -33,14 +33,16 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import DTYPES, SHORT, Timer, add_speedups, device_name, print_table, timing_fields, write_results  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES, SHORT, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
+    timing_fields, write_results,
+)
 CSV_FIELDS = ["impl", "B", "T", "H", "V", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_extra_mb", "speedup_vs_eager", "note"]
 ALL_IMPLS = ["eager", "eager-native", "compile", "compile-native", "liger", "triton"]
@@ -134,30 +136,20 @@ def _err_msg(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    gpu = args.device.startswith("cuda")
-    # Must precede the first import of the kernel module (triton.jit reads it then): the
-    # compiled kernels on a GPU, the interpreter (smoke test only) on CPU.
-    os.environ["TRITON_INTERPRET"] = "0" if gpu else "1"
-    sys.path.insert(0, str(ROOT))
+    # the compiled kernels on a GPU, the interpreter (smoke test only) on CPU
+    gpu = start_kernel_bench(args.device, interpret=not args.device.startswith("cuda"))
     import torch
 
     import zreward_fast.kernels as zk
     from zreward_fast import reference
 
-    if gpu and not torch.cuda.is_available():
-        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
     dtype = getattr(torch, args.dtype)
     dev = args.device
     short = SHORT[args.dtype]
     dname = device_name(dev)
-    impls = ALL_IMPLS if args.impls == "all" else [s.strip() for s in args.impls.split(",") if s.strip()]
-    for impl in impls:
-        if impl not in ALL_IMPLS:
-            raise SystemExit(f"unknown impl {impl!r}; choose from {ALL_IMPLS}")
+    impls = pick_impls(args.impls, ALL_IMPLS)
     chunks = [c.strip() for c in args.chunk.split(",") if c.strip()]
-    out_dir = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results" / dname
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out_dir, dev)
     timer = Timer(dev)
     B, T, H, V = args.B, args.T, args.H, args.V
     hp = dict(clip_eps=args.clip_eps, beta=args.beta, temperature=args.temperature)

@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DTYPES, SHORT, Timer, add_speedups, device_name, print_table, timing_fields, write_results  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES, SHORT, add_score_rows_args, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
+    timing_fields, write_results,
+)
 
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "weight", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_mem_mb", "speedup_vs_gathered_eager", "note"]
@@ -50,15 +52,7 @@ IMPLS = ["eager-full-logits", "eager-gathered", "compile-gathered", "triton", "t
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--N", type=int, default=None, help="positions (default: 1024 cpu, 4096 cuda)")
-    p.add_argument("--H", type=int, default=None, help="hidden size (default: 1024 cpu, 4096 cuda)")
-    p.add_argument("--V", type=int, default=None, help="vocabulary (default: 32000 cpu, 248320 cuda)")
-    p.add_argument("--K", type=int, default=9, help="score tokens")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 cpu, bf16 cuda")
-    p.add_argument("--repeats", type=int, default=None, help="timed iterations (default: 5 cpu, 50 cuda)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 1 cpu, 5 cuda)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    add_score_rows_args(p)
     p.add_argument("--reduction", default="mean", choices=["mean", "sum", "none"],
                    help="'none' is back-propagated with random per-row grads")
     p.add_argument("--bias", action="store_true", help="give the head a bias")
@@ -111,30 +105,17 @@ def eager_full_logits(hidden, weight, token_ids, teacher_probs, bias=None, tempe
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    gpu = args.device.startswith("cuda")
-    if args.interpret:
-        # Must precede the first import of the kernel module (triton.jit reads it then).
-        os.environ["TRITON_INTERPRET"] = "1"
-    elif gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "0")
-    sys.path.insert(0, str(ROOT))
+    gpu = start_kernel_bench(args.device, interpret=bool(args.interpret))
     import torch
 
     import zreward_fast.kernels as zk
     from zreward_fast import reference
 
-    if gpu and not torch.cuda.is_available():
-        print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
     dtype = getattr(torch, args.dtype)
     dev = args.device
-    impls = IMPLS if args.impls == "all" else [s.strip() for s in args.impls.split(",")]
-    unknown = set(impls) - set(IMPLS)
-    if unknown:
-        raise SystemExit(f"unknown impl(s) {sorted(unknown)}; choose from {IMPLS}")
+    impls = pick_impls(args.impls, IMPLS)
     dname = device_name(dev)
-    out_dir = Path(args.out_dir) if args.out_dir else ROOT / "bench" / "results" / dname
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out_dir, dev)
     timer = Timer(dev)
     short = SHORT[args.dtype]
     modes = ["head", "k-rows"] if args.weight == "both" else [args.weight]

@@ -2,6 +2,7 @@
 quantiles, speedups, the CSV, the printed table and the plot. Each script defines only its cases."""
 from __future__ import annotations
 
+import argparse
 import csv
 import gc
 import math
@@ -9,9 +10,12 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def device_name(device: str) -> str:
@@ -23,6 +27,51 @@ def device_name(device: str) -> str:
     else:
         name = "cpu-" + (_cpu_model() or platform.machine())
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def start_kernel_bench(device: str, interpret: bool) -> bool:
+    """Before triton's first import: ``TRITON_INTERPRET`` set (1: the interpreter, a correctness
+    check, never a timing; 0: the compiled kernels) and the repository on ``sys.path``. Exits with
+    status 2 when CUDA is asked for and absent. Returns whether ``device`` is a GPU."""
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    gpu = device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        print(f"error: --device {device} but torch.cuda.is_available() is False", file=sys.stderr)
+        raise SystemExit(2)
+    return gpu
+
+
+def add_score_rows_args(p: argparse.ArgumentParser) -> None:
+    """The shape, dtype and timing options of the benchmarks over the K score rows of an LM head
+    (score head, RISD loss); ``None`` defaults are filled per device by each script."""
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--N", type=int, default=None, help="positions (default: 1024 cpu, 4096 cuda)")
+    p.add_argument("--H", type=int, default=None, help="hidden size (default: 1024 cpu, 4096 cuda)")
+    p.add_argument("--V", type=int, default=None, help="vocabulary (default: 32000 cpu, 248320 cuda)")
+    p.add_argument("--K", type=int, default=9, help="score tokens")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp32 cpu, bf16 cuda")
+    p.add_argument("--repeats", type=int, default=None, help="timed iterations (default: 5 cpu, 50 cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: 1 cpu, 5 cuda)")
+    p.add_argument("--temperature", type=float, default=1.0)
+
+
+def pick_impls(spec: str, known: Sequence[str]) -> list[str]:
+    """``"all"`` or a comma list of implementations, each one of ``known``."""
+    impls = list(known) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = sorted(set(impls) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown impl(s) {unknown}; choose from {list(known)}")
+    return impls
+
+
+def results_dir(out_dir: str | None, device: str) -> Path:
+    """``--out-dir``, or ``bench/results/<device name>``, created."""
+    path = Path(out_dir) if out_dir else ROOT / "bench" / "results" / device_name(device)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _cpu_model() -> str:

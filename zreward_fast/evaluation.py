@@ -1,8 +1,8 @@
 """The synthetic benchmark: measure any reward model on pairs whose scores are known.
 
-``evaluate(source, seed=..., pairs=...)`` scores :func:`~zreward_fast.training.synthetic.benchmark_pairs`
+``evaluate(source, seed=..., pairs=...)`` scores :func:`~zreward_fast.training.pairs.benchmark_pairs`
 (two images of one prompt, a known gap on one dimension, the other three equal) and
-:func:`~zreward_fast.training.synthetic.conflict_pairs` (the first image better on one dimension and
+:func:`~zreward_fast.training.pairs.conflict_pairs` (the first image better on one dimension and
 worse on another) and returns (docs/evaluation.md):
 
 - ``hpa``: overall pairwise accuracy on the benchmark pairs (a predicted tie counts half), with
@@ -33,7 +33,8 @@ import numpy as np
 
 from .dimensions import DIMENSIONS
 from .training.metrics import plcc, srcc
-from .training.synthetic import GAPS, BenchmarkPair, benchmark_pairs, conflict_pairs
+from .training.pairs import BenchmarkPair, benchmark_pairs, conflict_pairs
+from .training.synthetic import GAPS
 
 ECE_BINS = 10
 

@@ -117,7 +117,8 @@ def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     """Cold-start reasonings, training pairs and labelling images, all from training seed streams."""
     from .training.coldstart import ReasoningRecord
     from .training.data import PairRecord, ScoredRecord
-    from .training.synthetic import DIMENSIONS, samples, training_pairs
+    from .training.pairs import training_pairs
+    from .training.synthetic import DIMENSIONS, samples
 
     cold = list(samples(cfg.cold_images, seed=cfg.seed * 7 + 1, size=cfg.image_size))
     cold_paths = _save_images(out / "cold", [s.image for s in cold], "c")

@@ -10,15 +10,15 @@ batch 16 (docs/architecture.md, Performance targets). This engine runs the same 
   cannot change the outputs at its query positions; repeated rows are dropped;
 * on CUDA, one CUDA graph per bucket, captured after a warm-up and replayed with the inputs copied
   into preallocated buffers (the whole call, image patchify to score head, is one replay);
-* the export modules' re-implementations (``zreward_fast.export.modules``: the vision tower for
-  one fixed grid, the image merge by gather, M-RoPE from position ids), with
-  ``torch.nn.functional.scaled_dot_product_attention`` for the full-attention and vision layers,
+* the student of ``zreward_fast.models.qwen3_5`` (the modules the ONNX export builds on too: the
+  vision tower for one fixed grid, the image merge by gather, M-RoPE from position ids) with its
+  engine back ends: ``scaled_dot_product_attention`` for the full-attention and vision layers,
   flash-linear-attention's Gated DeltaNet and causal-conv kernels on CUDA when ``fla`` is
-  importable (the export modules' chunked torch GDN otherwise), and the fused score head
+  importable (the decomposed chunked torch GDN otherwise), and the fused score head
   (:func:`zreward_fast.kernels.score_head`) on the query rows only;
 * optionally fp8 linears (:mod:`zreward_fast.engine.fp8`).
 
-What is tested where: on CPU (``tests/test_engine.py``) the fp32 engine is checked against
+What is tested where: on CPU (``tests/engine/test_engine.py``) the fp32 engine is checked against
 :class:`~zreward_fast.modeling.ZRewardModel` across buckets, the fp8 emulation for parity, the
 loading rules, bucket selection and :func:`zreward_fast.engine.make_scorer`. bf16 on CUDA, the CUDA
 graphs, the ``fla`` kernels and fp8 through ``torch._scaled_mm`` **only run on a GPU**: the
@@ -35,22 +35,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..checks import pair_inputs, positive_int
 from ..dimensions import resolve_dimensions
-from ..export.modules import (
-    ExportDecoder,
-    ExportVision,
-    _rotate_half,
-    causal_conv1d_silu,
-    chunk_gated_delta_rule,
-    gdn_gates,
-    gdn_projections,
-    gdn_split_heads,
-)
 from ..modeling import ZRewardModel
+from ..models.gated_deltanet import FlaKernels, load_fla
+from ..models.qwen3_5 import Decoder, Vision
 from ..processing import ZRewardProcessor
 from ..prompting import student_query_positions
 from ..runtime.positions import mrope_position_ids
@@ -59,28 +50,7 @@ from ..scale import ScoreResult, ScoreScale
 DEFAULT_BATCH_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_SEQ_BUCKETS: tuple[int, ...] = (128, 256, 384, 512)
 DEVICES = ("cuda", "cpu")
-GDN_BACKENDS = ("auto", "fla", "torch")
-_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # enable_gqa=
-
-
-# --------------------------------------------------------------------------- flash-linear-attention
-def load_fla() -> tuple[Callable, Callable] | None:
-    """flash-linear-attention's ``(chunk_gated_delta_rule, causal_conv1d)``, or None when ``fla``
-    is not importable. Only used on CUDA: its Triton kernels do not run on the CPU."""
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn
-    except Exception:  # noqa: BLE001 - any import failure (missing, broken triton) means "no fla"
-        return None
-    conv = None
-    for mod in ("fla.modules.causal_conv1d", "fla.modules.convolution", "fla.modules"):
-        try:
-            conv = getattr(__import__(mod, fromlist=["causal_conv1d"]), "causal_conv1d")
-            break
-        except (ImportError, AttributeError):
-            continue
-    if conv is None:
-        return None
-    return fla_gdn, conv
+GDN_CHOICES = ("auto", "fla", "torch")
 
 
 # --------------------------------------------------------------------------- engine modules
@@ -109,117 +79,20 @@ class _Patchify(nn.Module):
         return x.reshape(b, gh * gw, c * p * p)
 
 
-class _Vision(ExportVision):
-    """The export vision tower (one fixed grid, each image its own batch row) with SDPA."""
-
-    def _attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        bsz, p, e = x.shape
-        q, k, v = attn.qkv(x).reshape(bsz, p, 3, self.num_heads, -1).unbind(2)  # [B, P, h, hd]
-        dtype = q.dtype
-        q = (q.float() * self.rope_cos + _rotate_half(q.float()) * self.rope_sin).to(dtype)
-        k = (k.float() * self.rope_cos + _rotate_half(k.float()) * self.rope_sin).to(dtype)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=attn.scaling)
-        return attn.proj(out.transpose(1, 2).reshape(bsz, p, e))
-
-
-class _Attention(nn.Module):
-    """Qwen3.5 full attention (gated output, q/k norm, partial M-RoPE) with causal SDPA.
-
-    No padding mask: the engine pads on the right only, so causality alone keeps every real
-    token from seeing padding (padded positions compute garbage that is never read).
-    """
-
-    def __init__(self, hf: nn.Module) -> None:
-        super().__init__()
-        self.hf = hf
-        self.num_heads = hf.config.num_attention_heads
-        self.num_kv_heads = hf.config.num_key_value_heads
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        m = self.hf
-        bsz, length = x.shape[:2]
-        hd = m.head_dim
-        q, gate = torch.chunk(m.q_proj(x).reshape(bsz, length, self.num_heads, 2 * hd), 2, dim=-1)
-        q = m.q_norm(q).transpose(1, 2)  # [B, h, L, hd]
-        k = m.k_norm(m.k_proj(x).reshape(bsz, length, self.num_kv_heads, hd)).transpose(1, 2)
-        v = m.v_proj(x).reshape(bsz, length, self.num_kv_heads, hd).transpose(1, 2)
-        rd = cos.shape[-1]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = torch.cat([q[..., :rd] * cos + _rotate_half(q[..., :rd]) * sin, q[..., rd:]], dim=-1)
-        k = torch.cat([k[..., :rd] * cos + _rotate_half(k[..., :rd]) * sin, k[..., rd:]], dim=-1)
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1 and not _SDPA_GQA:  # torch < 2.5: expand the KV heads (head j serves j*rep ...)
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        gqa = {"enable_gqa": True} if rep > 1 and _SDPA_GQA else {}
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=m.scaling, **gqa)
-        out = out.transpose(1, 2).reshape(bsz, length, -1)
-        return m.o_proj(out * torch.sigmoid(gate.reshape(bsz, length, -1)))
-
-
-class _GatedDeltaNet(nn.Module):
-    """Qwen3.5 Gated DeltaNet in prefill: fla's kernels, or the export modules' torch chunked form.
-
-    No padding mask (HF zeroes padded positions first): with right padding they come after every
-    real token, and the recurrence only runs forward.
-    """
-
-    def __init__(self, hf: nn.Module, fla: tuple[Callable, Callable] | None) -> None:
-        super().__init__()
-        if hf.activation not in ("silu", "swish"):
-            raise ValueError(f"GatedDeltaNet conv activation {hf.activation!r} is not supported (silu only)")
-        self.hf = hf
-        self.fla = fla
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.hf
-        qkv, z, a, b = gdn_projections(m, x)
-        if self.fla is not None:
-            out = self.fla[1](qkv, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu")
-            qkv = out[0] if isinstance(out, tuple) else out  # (y, final_state) in fla >= 0.2
-        else:
-            qkv = causal_conv1d_silu(qkv, m.conv1d.weight, m.conv1d.bias)
-        q, k, v = gdn_split_heads(m, qkv)
-        g, beta = gdn_gates(a, b, m.A_log, m.dt_bias)
-        if self.fla is not None:
-            # Fewer q/k heads than v heads is passed as is (fla's grouped value attention), as
-            # transformers does; use_qk_l2norm_in_kernel is HF's l2 norm (eps 1e-6).
-            out, _ = self.fla[0](q.contiguous(), k.contiguous(), v.contiguous(), g=g, beta=beta,
-                                 use_qk_l2norm_in_kernel=True)
-        else:
-            out = chunk_gated_delta_rule(q, k, v, g, beta)
-        out = m.norm(out, z)  # gated RMSNorm over each value head
-        return m.out_proj(out.reshape(*x.shape[:2], -1))
-
-
-class _Layer(nn.Module):
-    def __init__(self, hf: nn.Module, fla: tuple[Callable, Callable] | None) -> None:
-        super().__init__()
-        self.linear = hf.block_type == "linear_attention"
-        self.mixer = _GatedDeltaNet(hf.linear_attn, fla) if self.linear else _Attention(hf.self_attn)
-        self.input_layernorm = hf.input_layernorm
-        self.post_attention_layernorm = hf.post_attention_layernorm
-        self.mlp = hf.mlp
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = self.input_layernorm(x)
-        x = x + (self.mixer(h) if self.linear else self.mixer(h, cos, sin))
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 class _Student(nn.Module):
     """pixels, input_ids, position_ids, query_positions -> (probs [B*D, K], mean [B*D], var [B*D]).
 
     Shares every weight with the Hugging Face model (no copies); the K score rows of the LM head
-    are the export decoder's buffers.
+    are the decoder's buffers.
     """
 
-    def __init__(self, rm: ZRewardModel, fla: tuple[Callable, Callable] | None, head: Callable) -> None:
+    def __init__(self, rm: ZRewardModel, fla: FlaKernels | None, head: Callable) -> None:
         super().__init__()
         self.patchify = _Patchify(rm.processor)
-        self.vision = _Vision(rm)
-        self.base = ExportDecoder(rm, gdn="decomposed")  # embeddings, M-RoPE, image merge, norm, score rows
-        lm = rm.model.model.language_model
-        self.layers = nn.ModuleList([_Layer(layer, fla) for layer in lm.layers[: lm.config.num_hidden_layers]])
+        self.vision = Vision(rm, attention="sdpa")
+        # embeddings, M-RoPE, image merge, the layers, norm, score rows: fla's GDN kernels where
+        # loaded, the decomposed torch form otherwise
+        self.base = Decoder(rm, gdn="fla" if fla is not None else "decomposed", attention="sdpa", fla=fla)
         self.register_buffer("score_ids", torch.arange(self.base.score_weight.shape[0]), persistent=False)
         self._head = head
 
@@ -230,7 +103,7 @@ class _Student(nn.Module):
         feats = self.vision(self.patchify(pixels))
         x = base.merge_image_features(input_ids, base.embed_tokens(input_ids), feats)
         cos, sin = base.rotary(position_ids, x.dtype)
-        for layer in self.layers:
+        for layer in base.layers:
             x = layer(x, cos, sin)
         x = base.norm(x)
         rows = torch.gather(x, 1, query_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, D, H]
@@ -328,7 +201,7 @@ class TorchEngine:
         fp8: e4m3 linear layers (:func:`~zreward_fast.engine.fp8.quantize_linears`); on CPU the
             exact emulation, meant for tests.
         gdn: Gated DeltaNet kernels: ``"auto"`` (fla on CUDA when importable, else torch),
-            ``"fla"`` (required) or ``"torch"`` (the export modules' chunked form; the only one on CPU).
+            ``"fla"`` (required) or ``"torch"`` (the chunked form of ``models/gated_deltanet.py``; the only one on CPU).
 
     ``score`` is safe to call from several threads (calls are serialised: they share the buffers).
     """
@@ -388,8 +261,8 @@ class TorchEngine:
         self.processor: ZRewardProcessor = rm.processor
         self.batch_buckets = _check_buckets(batch_buckets, "batch_buckets")
         self.seq_buckets = _check_buckets(seq_buckets, "seq_buckets")
-        if gdn not in GDN_BACKENDS:
-            raise ValueError(f"gdn must be one of {GDN_BACKENDS}, got {gdn!r}")
+        if gdn not in GDN_CHOICES:
+            raise ValueError(f"gdn must be one of {GDN_CHOICES}, got {gdn!r}")
         fla = load_fla() if device.type == "cuda" and gdn != "torch" else None
         if gdn == "fla" and fla is None:
             raise RuntimeError("gdn='fla' needs CUDA and an importable flash-linear-attention (pip install "

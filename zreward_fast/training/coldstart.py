@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..kernels import risd_loss
 from ..modeling import ZRewardModel
-from .common import TrainerBase, load_config
+from .common import TrainConfig, TrainerBase
 from .data import soft_targets
 from .gdso import GDSOPolicy
 from .teacher import forced_batch, reasoning_slices
@@ -40,25 +40,13 @@ class ReasoningRecord:
 
 
 @dataclass
-class ColdStartConfig:
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
-    warmup_ratio: float = 0.0  # of max_steps
+class ColdStartConfig(TrainConfig):
     batch_size: int = 8
-    max_steps: int = 200
-    grad_clip: float = 1.0
     score_weight: float = 1.0  # weight of the score KL beside the reasoning cross-entropy
     target_sharpness: float = 4.0  # soft_targets sharpness of the score distribution
-    # frozen by default, as in GDSO and RISD: trained on the reasoning loss, a tiny model's vision tower
-    # drifted to one large constant that carried nothing of the image (README, issue 10)
-    train_vision: bool = False
-    seed: int = 0
-    mixed_precision: str = "no"
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "ColdStartConfig":
-        return load_config(cls, path, **overrides)
+    # train_vision stays False (TrainConfig), as in GDSO and RISD: trained on the reasoning loss, a
+    # tiny model's vision tower drifted to one large constant that carried nothing of the image
+    # (docs/reproduce.md)
 
 
 class ColdStartTrainer(TrainerBase):
@@ -68,9 +56,7 @@ class ColdStartTrainer(TrainerBase):
 
     def __init__(self, model: ZRewardModel, config: ColdStartConfig, records: Sequence[ReasoningRecord],
                  accelerator: Any | None = None) -> None:
-        self.config = config
-        self.max_steps, self.grad_clip = config.max_steps, config.grad_clip
-        self._setup_accelerator(accelerator, config.mixed_precision, config.seed)
+        self._setup_accelerator(config, accelerator)
         self.train_records = list(records)
         for i, r in enumerate(self.train_records):
             if r.dimension not in model.dimensions:

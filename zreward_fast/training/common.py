@@ -42,6 +42,27 @@ def load_config(cls: type[C], path: str | os.PathLike, **overrides: Any) -> C:
     return cls(**raw)
 
 
+@dataclasses.dataclass
+class TrainConfig:
+    """What every trainer's config holds: the optimiser (AdamW), its schedule, the step count, the
+    clipping, the seed and accelerate's precision. Each trainer's config adds its own fields."""
+
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
+    warmup_ratio: float = 0.0  # of max_steps
+    max_steps: int = 200
+    grad_clip: float = 1.0
+    train_vision: bool = False
+    seed: int = 0
+    mixed_precision: str = "no"  # accelerate: "no", "bf16", "fp16"
+
+    @classmethod
+    def from_file(cls: type[C], path: str | os.PathLike, **overrides: Any) -> C:
+        """The config from a YAML or JSON file (:func:`load_config`), ``overrides`` applied."""
+        return load_config(cls, path, **overrides)
+
+
 class BatchSchedule:
     """Which records make up global step ``s``: a fresh seeded permutation each epoch.
 
@@ -104,12 +125,16 @@ class TrainerBase:
 
     name = "train"
 
-    def _setup_accelerator(self, accelerator: Any, mixed_precision: str, seed: int) -> None:
+    def _setup_accelerator(self, config: TrainConfig, accelerator: Any | None) -> None:
+        """Keep ``config``, take its step count and clipping, seed every generator and make (or
+        take) the accelerator; a fresh training state."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.accelerator = accelerator or Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-        set_seed(seed)
+        self.config = config
+        self.max_steps, self.grad_clip = config.max_steps, config.grad_clip
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        set_seed(config.seed)
         self.state = TrainState()
 
     def _prepare(self, module: torch.nn.Module, config: Any, batch_size: int) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..kernels import gdso_loss, grpo_token_loss, score_head
 from ..modeling import ZRewardModel
-from .common import TrainerBase, full_state_dict, load_config
+from .common import TrainConfig, TrainerBase, full_state_dict
 from .data import PairRecord, read_manifest
 from .metrics import evaluate_pairs
 from .rollouts import RolloutEngine
@@ -34,7 +34,9 @@ logger = logging.getLogger("zreward_fast.training.gdso")
 
 
 @dataclass
-class GDSOConfig:
+class GDSOConfig(TrainConfig):
+    learning_rate: float = 1e-6
+    max_steps: int = 100
     train_manifest: str = ""
     output_dir: str = "gdso-out"
     model_dir: str | None = None  # a saved ZRewardModel (the teacher); None builds the tiny test model
@@ -52,27 +54,14 @@ class GDSOConfig:
     eps: float = 1e-4
     clip_eps: float = 0.2
     beta: float = 0.04
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
-    warmup_ratio: float = 0.0  # of max_steps
-    max_steps: int = 100
-    grad_clip: float = 1.0
-    train_vision: bool = False
-    seed: int = 0
     save_every: int = 0
     eval_every: int = 0
-    mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
         if self.num_rollouts < 2:
             raise ValueError(f"num_rollouts (G) must be >= 2: the advantage uses the unbiased std, got {self.num_rollouts}")
         if self.pairs_per_step < 1:
             raise ValueError(f"pairs_per_step must be >= 1, got {self.pairs_per_step}")
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "GDSOConfig":
-        return load_config(cls, path, **overrides)
 
 
 class GDSOPolicy(nn.Module):
@@ -104,9 +93,7 @@ class GDSOTrainer(TrainerBase):
         ref_model: nn.Module | None = None,
         accelerator: Any | None = None,
     ) -> None:
-        self.config = config
-        self.max_steps, self.grad_clip = config.max_steps, config.grad_clip
-        self._setup_accelerator(accelerator, config.mixed_precision, config.seed)
+        self._setup_accelerator(config, accelerator)
         if train_records is None:
             if not config.train_manifest:
                 raise ValueError("GDSOConfig.train_manifest is empty and no train_records were given")

@@ -21,7 +21,7 @@ from torch import nn
 from ..dimensions import resolve_dimensions
 from ..kernels import risd_loss
 from ..modeling import ZRewardModel
-from .common import TrainerBase, full_state_dict, load_config
+from .common import TrainConfig, TrainerBase, full_state_dict
 from .data import RISDRecord, ScoredRecord, read_manifest
 from .metrics import evaluate_pairs
 
@@ -29,30 +29,19 @@ logger = logging.getLogger("zreward_fast.training.risd")
 
 
 @dataclass
-class RISDConfig:
+class RISDConfig(TrainConfig):
+    learning_rate: float = 1e-4
+    max_steps: int = 100
     train_manifest: str = ""
     output_dir: str = "risd-out"
     model_dir: str | None = None  # a saved ZRewardModel; None builds the tiny test model
     eval_manifest: str | None = None
     tiny_seed: int = 0
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
-    warmup_ratio: float = 0.0  # of max_steps
     batch_size: int = 8
-    max_steps: int = 100
-    grad_clip: float = 1.0
     temperature: float = 1.0
-    train_vision: bool = False
-    seed: int = 0
     save_every: int = 0
     eval_every: int = 0
-    mixed_precision: str = "no"  # accelerate: "no", "bf16", "fp16"
     dimensions: list[str] | None = None
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "RISDConfig":
-        return load_config(cls, path, **overrides)
 
 
 class RISDStudent(nn.Module):
@@ -105,9 +94,7 @@ class RISDTrainer(TrainerBase):
         eval_records: Sequence[Any] | None = None,
         accelerator: Any | None = None,
     ) -> None:
-        self.config = config
-        self.max_steps, self.grad_clip = config.max_steps, config.grad_clip
-        self._setup_accelerator(accelerator, config.mixed_precision, config.seed)
+        self._setup_accelerator(config, accelerator)
         self.dimensions = resolve_dimensions(config.dimensions, model.dimensions)
         scale = model.scale
         if train_records is None:

@@ -22,7 +22,7 @@ from ..checks import pair_inputs
 from ..dimensions import resolve_dimensions
 from ..modeling import ZRewardModel
 from ..scale import ScoreResult
-from .common import TrainerBase, load_config
+from .common import TrainConfig, TrainerBase
 from .data import PairRecord
 
 VALUE_HEAD_FILE = "value_head.pt"
@@ -78,21 +78,9 @@ class ScalarRewardModel(nn.Module):
 
 
 @dataclass
-class ScalarConfig:
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "constant"  # any transformers.get_scheduler name: "cosine", "linear", ...
-    warmup_ratio: float = 0.0  # of max_steps
-    pairs_per_step: int = 8
-    max_steps: int = 200
-    grad_clip: float = 1.0
+class ScalarConfig(TrainConfig):
     train_vision: bool = True
-    seed: int = 0
-    mixed_precision: str = "no"
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "ScalarConfig":
-        return load_config(cls, path, **overrides)
+    pairs_per_step: int = 8
 
 
 class ScalarTrainer(TrainerBase):
@@ -102,9 +90,7 @@ class ScalarTrainer(TrainerBase):
 
     def __init__(self, model: ScalarRewardModel, config: ScalarConfig, train_records: Sequence[PairRecord],
                  accelerator: Any | None = None) -> None:
-        self.config = config
-        self.max_steps, self.grad_clip = config.max_steps, config.grad_clip
-        self._setup_accelerator(accelerator, config.mixed_precision, config.seed)
+        self._setup_accelerator(config, accelerator)
         self.train_records = [r for r in train_records if r.scores[0] != r.scores[1]]
         if not self.train_records:
             raise ValueError("no training pair has two different scores")

@@ -98,11 +98,11 @@ def test_batches_split_at_the_largest_bucket(saved):
 
 def test_attention_without_sdpa_gqa_matches(saved, engine, monkeypatch):
     # torch < 2.5 has no enable_gqa: the KV heads are expanded instead (the tiny model has 4 / 2).
-    import zreward_fast.engine.torch_engine as te
+    import zreward_fast.models.qwen3_5 as q35
 
     images, prompts = _data(2)
     want = _means(engine.score(images, prompts))
-    monkeypatch.setattr(te, "_SDPA_GQA", not te._SDPA_GQA)
+    monkeypatch.setattr(q35, "_SDPA_GQA", not q35._SDPA_GQA)
     assert np.abs(_means(engine.score(images, prompts)) - want).max() <= 1e-5
 
 

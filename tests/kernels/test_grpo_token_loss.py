@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zreward_fast.kernels as zk
+from kernel_checks import compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.grpo import GRPOLaunchConfig, grpo_token_loss_triton
 
@@ -291,21 +292,13 @@ def test_bad_input(change, exc, match):
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
 
 
-def _compiled_triton_or_skip() -> None:
-    # conftest defaults TRITON_INTERPRET to 1; GPU tolerances need the compiled kernels.
-    if zk._grpo_kernels is None or zk._grpo_kernels.INTERPRET:
-        pytest.skip("needs compiled Triton kernels: run with TRITON_INTERPRET=0 (bench/gpu_check.sh does)")
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8, 512, 1024, 32000), (3, 77, 1000, 4001)], ids=["big", "odd"])
 @pytest.mark.parametrize("fp32_weight_grad", [False, True], ids=["wgrad-bf16-acc", "wgrad-fp32-acc"])
 def test_gpu_bf16_matches_reference(shape, fp32_weight_grad):
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._grpo_kernels)
     inputs = make_inputs(*shape, dtype=torch.bfloat16, device="cuda")
     # Reference on the upcast inputs: the fused path should be as close to it as bf16 allows.
     up = [t.detach().float().requires_grad_() for t in inputs[:2]]
@@ -318,23 +311,23 @@ def test_gpu_bf16_matches_reference(shape, fp32_weight_grad):
     torch.testing.assert_close(out[1], out_ref[1], atol=5e-2, rtol=0)
     for name, a, b in zip(("hidden", "weight"), out[2:], out_ref[2:]):
         assert torch.isfinite(a).all(), name
-        assert _rel_err(a, b) < 2e-2, name
+        assert rel_err(a, b) < 2e-2, name
 
 
 @pytest.mark.gpu
 def test_gpu_fp32_matches_reference_and_public_dispatch():
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._grpo_kernels)
     assert zk.use_triton("cuda")
     inputs = make_inputs(4, 300, 512, 8000, device="cuda")
     out_ref = run(reference.grpo_token_loss, *inputs, temperature=0.7)
     out = run(zk.grpo_token_loss, *inputs, temperature=0.7)
     for name, a, b in zip(("loss", "lp", "hidden", "weight"), out, out_ref):
-        assert _rel_err(a, b) < 1e-4 if name in ("hidden", "weight") else (a - b).abs().max() < 1e-4, name
+        assert rel_err(a, b) < 1e-4 if name in ("hidden", "weight") else (a - b).abs().max() < 1e-4, name
 
 
 @pytest.mark.gpu
 def test_gpu_peak_memory_stays_chunk_sized():
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._grpo_kernels)
     B, T, H, V = 8, 512, 1024, 32000
     inputs = make_inputs(B, T, H, V, dtype=torch.bfloat16, device="cuda")
     cfg = GRPOLaunchConfig(chunk_rows=512)
@@ -359,4 +352,4 @@ def test_gpu_compiled_reference_matches_eager():
     assert abs(out_c[0].item() - out_e[0].item()) < 1e-3
     torch.testing.assert_close(out_c[1], out_e[1], atol=1e-3, rtol=0)
     for a, b in zip(out_c[2:], out_e[2:]):
-        assert _rel_err(a, b) < 2e-2
+        assert rel_err(a, b) < 2e-2

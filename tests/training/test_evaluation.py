@@ -11,6 +11,7 @@ import pytest
 from zreward_fast.cli import main
 from zreward_fast.evaluation import evaluate, format_table
 from zreward_fast.scale import ScoreResult, ScoreScale
+from zreward_fast.training import pairs as P
 from zreward_fast.training import synthetic as S
 
 DIMS = S.DIMENSIONS
@@ -22,8 +23,8 @@ def _key(img) -> str:
 
 # ---------------------------------------------------------------- benchmark pairs
 def test_benchmark_pairs_are_deterministic_spread_and_differ_on_one_dimension_only():
-    pairs = S.benchmark_pairs(seed=11, n=32)
-    again = S.benchmark_pairs(seed=11, n=32)
+    pairs = P.benchmark_pairs(seed=11, n=32)
+    again = P.benchmark_pairs(seed=11, n=32)
     assert [_key(p.images[0]) + _key(p.images[1]) for p in pairs] == [_key(p.images[0]) + _key(p.images[1]) for p in again]
     assert Counter((p.dimension, p.gap) for p in pairs) == Counter({(d, g): 2 for d in DIMS for g in S.GAPS})
     for p in pairs:
@@ -34,18 +35,18 @@ def test_benchmark_pairs_are_deterministic_spread_and_differ_on_one_dimension_on
     # neither side is always the better one, and bases are not all clean
     assert 0 < sum(p.scores[0][p.dimension] > p.scores[1][p.dimension] for p in pairs) < len(pairs)
     assert min(max(p.scores[0][p.dimension], p.scores[1][p.dimension]) for p in pairs) < S.MAX_SCORE
-    other = S.benchmark_pairs(seed=12, n=32)
+    other = P.benchmark_pairs(seed=12, n=32)
     assert not {_key(p.images[0]) for p in pairs} & {_key(p.images[0]) for p in other}
 
 
 def test_benchmark_seeds_are_apart_from_training_seeds():
-    bench = {_key(img) for p in S.benchmark_pairs(seed=3, n=16) for img in p.images}
+    bench = {_key(img) for p in P.benchmark_pairs(seed=3, n=16) for img in p.images}
     train = {_key(s.image) for s in S.samples(16, seed=3)} | {_key(S.make_sample(i).image) for i in range(16)}
     assert not bench & train
 
 
 def test_conflict_pairs_disagree_on_two_dimensions():
-    pairs = S.conflict_pairs(seed=2, n=24)
+    pairs = P.conflict_pairs(seed=2, n=24)
     assert Counter((p.dimension, p.other) for p in pairs) == Counter(
         {(x, y): 2 for x in DIMS for y in DIMS if x != y})
     for p in pairs:
@@ -58,7 +59,7 @@ def test_conflict_pairs_disagree_on_two_dimensions():
 def test_training_pairs_vary_the_unlabelled_dimensions_like_preference_data():
     """Labelled on one dimension by its exact gap; the other three differ in about half the pairs
     and in both directions (else "least degraded anywhere" wins every pair), or are held equal."""
-    pairs = S.training_pairs(seed=4, n=48, size=64)
+    pairs = P.training_pairs(seed=4, n=48, size=64)
     assert Counter(p.dimension for p in pairs) == Counter({d: 12 for d in DIMS})
     for p in pairs:
         a, b = p.scores
@@ -70,16 +71,16 @@ def test_training_pairs_vary_the_unlabelled_dimensions_like_preference_data():
     assert any(x > y for x, y in differ) and any(x < y for x, y in differ)
     # the labelled winner is worse on another dimension in some pairs: a conflict, as in the data
     assert any(a[d] < b[d] for p in pairs for a, b in [p.scores] for d in DIMS if d != p.dimension)
-    held = S.training_pairs(seed=4, n=16, size=64, vary_others=False)
+    held = P.training_pairs(seed=4, n=16, size=64, vary_others=False)
     assert all(a[d] == b[d] for p in held for a, b in [p.scores] for d in DIMS if d != p.dimension)
     train = {_key(img) for p in pairs for img in p.images}
-    assert not train & {_key(img) for p in S.benchmark_pairs(seed=4, n=48, size=64) for img in p.images}
+    assert not train & {_key(img) for p in P.benchmark_pairs(seed=4, n=48, size=64) for img in p.images}
 
 
 def test_alignment_errors_draw_what_another_prompt_asks_for_exactly():
     """An alignment error is only visible against the prompt: the degraded image is a perfect
     (alignment 4.0) rendering of the prompt that describes what was drawn."""
-    pairs = [p for p in S.benchmark_pairs(seed=5, n=48) if p.dimension == "alignment"]
+    pairs = [p for p in P.benchmark_pairs(seed=5, n=48) if p.dimension == "alignment"]
     kinds = Counter(e.kind for p in pairs for s in p.scenes for e in s.errors)
     assert set(kinds) == set(S.ERROR_COSTS), kinds  # every kind of error is exercised
     for p in pairs:
@@ -96,7 +97,7 @@ def test_alignment_errors_draw_what_another_prompt_asks_for_exactly():
                              wrong_shadows=scene.wrong_shadows, missing_shadows=scene.missing_shadows, seed=scene.seed)
             assert honest.scores()["alignment"] == S.MAX_SCORE
             assert _key(S.render(honest)) == _key(img)
-    prompts = [p.prompt for p in S.benchmark_pairs(seed=5, n=64)]
+    prompts = [p.prompt for p in P.benchmark_pairs(seed=5, n=64)]
     assert any(" left of " in t for t in prompts) and any(t.startswith("two ") for t in prompts)
 
 
@@ -108,7 +109,7 @@ def test_degrade_checks_its_drop_and_dimension():
         S.degrade(np.random.default_rng(0), scene, "sharpness", 1.0)
     assert S.degrade(np.random.default_rng(0), S.random_scene(np.random.default_rng(1), {"realism": 0.5}), "realism", 1.0) is None
     with pytest.raises(ValueError, match="gaps"):
-        S.benchmark_pairs(0, 4, gaps=(0.3,))
+        P.benchmark_pairs(0, 4, gaps=(0.3,))
 
 
 def test_reasoning_states_the_facts_behind_each_score():
@@ -127,7 +128,7 @@ class LookupScorer:
 
     def __init__(self, seed: int, n: int, fn=lambda s, d: s[d], one_hot: bool = True):
         self.table = {}
-        for p in S.benchmark_pairs(seed, n) + S.conflict_pairs(seed, n // 4):
+        for p in P.benchmark_pairs(seed, n) + P.conflict_pairs(seed, n // 4):
             for img, s in zip(p.images, p.scores):
                 self.table[_key(img)] = s
         self.fn, self.one_hot = fn, one_hot

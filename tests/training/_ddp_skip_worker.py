@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under torchrun: a RISD trainer whose rank 1 gets a NaN loss at
+"""Run by tests/training/test_distributed.py under torchrun: a RISD trainer whose rank 1 gets a NaN loss at
 step 1. Each rank writes its final score rows and history to OUT/rank<r>.pt."""
 import sys
 from pathlib import Path

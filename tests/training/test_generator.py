@@ -8,6 +8,7 @@ import torch
 
 from zreward_fast.dimensions import DIMENSIONS
 from zreward_fast.training import generator as G
+from zreward_fast.training import scene_render as R
 from zreward_fast.training import synthetic as S
 
 torch.set_num_threads(1)
@@ -103,7 +104,7 @@ def test_known_scores_fall_with_each_degradation_as_the_rules_say():
         edit(p)
         return (base - G.known_scores(p, enc)[0]).tolist()
 
-    blue = G.PALETTE_NAMES.index("blue")
+    blue = R.PALETTE_NAMES.index("blue")
 
     def swap(p):  # the blue square drawn left of the red circle: both colours and shapes wrong
         p.colour[0, :2] = p.colour[0, [1, 0]].clone()

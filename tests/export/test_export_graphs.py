@@ -14,10 +14,11 @@ import torch.nn.functional as F
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from zreward_fast.export.modules import (  # noqa: E402
-    ExportDecoder, ExportVision, causal_conv1d_silu, chunk_gated_delta_rule, gdn_gates,
-    single_frame_patches, unit_lower_inverse,
+from zreward_fast.export.modules import ExportDecoder, ExportVision  # noqa: E402
+from zreward_fast.models.gated_deltanet import (  # noqa: E402
+    causal_conv1d_silu, chunk_gated_delta_rule, gdn_gates, unit_lower_inverse,
 )
+from zreward_fast.models.qwen3_5 import single_frame_patches  # noqa: E402
 from zreward_fast.export.onnx_export import count_nodes, export_decoder, export_vision  # noqa: E402
 from zreward_fast.modeling import ZRewardModel  # noqa: E402
 from zreward_fast.runtime.bundle import GDN_FORMS  # noqa: E402

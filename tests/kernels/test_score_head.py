@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
+from kernel_checks import compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.fused_score_head import score_head_triton
 from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
@@ -233,21 +234,13 @@ def test_bad_input(change, exc, match):
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
 
 
-def _compiled_triton_or_skip() -> None:
-    # conftest defaults TRITON_INTERPRET to 1; GPU timings/tolerances need the compiled kernels.
-    if zk._score_head_kernels is None or zk._score_head_kernels.INTERPRET:
-        pytest.skip("needs compiled Triton kernels: run with TRITON_INTERPRET=0 (bench/gpu_check.sh does)")
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4096, 4096, 32000, 9), (1000, 1000, 4001, 17)])
 def test_gpu_triton_matches_reference(dtype, shape):
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._score_head_kernels)
     assert zk.use_triton("cuda")
     hidden, weight, ids, levels, bias = make_inputs(*shape, dtype=dtype, device="cuda")
     out_ref = reference.score_head(hidden, weight, ids, levels, bias, 0.7)
@@ -260,12 +253,12 @@ def test_gpu_triton_matches_reference(dtype, shape):
         torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
     for name, a, b in zip(("hidden", "weight", "bias"), g_tri, g_ref):
         assert a.dtype == dtype, name
-        assert _rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else 1e-4), name
+        assert rel_err(a, b) < (2e-2 if dtype == torch.bfloat16 else 1e-4), name
 
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._score_head_kernels)
     hidden, weight, ids, levels, bias = make_inputs(4096, 4096, 32000, 9, dtype=torch.bfloat16, device="cuda")
     grads = upstream_grads(reference.score_head(hidden, weight, ids, levels, bias))
     _, g1 = run(zk.score_head, hidden, weight, ids, levels, bias, 1.0, grads)
@@ -283,7 +276,7 @@ def test_gpu_compiled_reference_matches_eager():
     for a, b in zip(out_c, out_e):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
     for a, b in zip(g_c, g_e):
-        assert _rel_err(a, b) < 2e-2
+        assert rel_err(a, b) < 2e-2
 
 
 def test_no_kernel_module_shadows_a_public_function():

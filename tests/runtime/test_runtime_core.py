@@ -27,9 +27,8 @@ from zreward_fast.imaging import ImageError
 from zreward_fast.processing import ZRewardProcessor
 from zreward_fast.runtime import BundleError, Scorer, load_manifest, mrope_position_ids, verify_bundle, write_manifest
 from zreward_fast.runtime.preprocess import RuntimePreprocessor
-from zreward_fast.testing import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red cat", "two dogs under a bright blue sky, with strong contrast and a long shadow", "sun"]
 
 

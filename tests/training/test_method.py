@@ -7,6 +7,7 @@ import torch
 
 from zreward_fast import ZRewardModel
 from zreward_fast.testing import tiny_model
+from zreward_fast.training import pairs as P
 from zreward_fast.training import synthetic as S
 from zreward_fast.training.coldstart import ColdStartConfig, ColdStartTrainer, ReasoningRecord
 from zreward_fast.training.data import PairRecord
@@ -53,7 +54,7 @@ def test_cold_start_refuses_unknown_dimensions():
 
 def _pairs(n: int = 8) -> list[PairRecord]:
     return [PairRecord(p.prompt, p.dimension, p.images, (p.scores[0][p.dimension], p.scores[1][p.dimension]))
-            for p in S.training_pairs(3, n, gaps=(2.0,), size=64)]
+            for p in P.training_pairs(3, n, gaps=(2.0,), size=64)]
 
 
 def test_scalar_model_learns_its_pairs_and_gives_one_number_per_image(tmp_path, monkeypatch):

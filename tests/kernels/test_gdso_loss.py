@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
+from kernel_checks import compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.gdso import GDSOLaunchConfig, gdso_loss_triton
 from zreward_fast.scale import ScoreScale
@@ -276,21 +277,13 @@ def test_triton_driver_rejects_bad_shapes():
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
 
 
-def _compiled_triton_or_skip() -> None:
-    # conftest defaults TRITON_INTERPRET to 1; GPU tolerances need the compiled kernels.
-    if zk._gdso_kernels is None or zk._gdso_kernels.INTERPRET:
-        pytest.skip("needs compiled Triton kernels: run with TRITON_INTERPRET=0 (bench/gpu_check.sh does)")
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["realistic", "odd_uneven", "g17_k33"])
 def test_gpu_triton_matches_reference(dtype, case):
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._gdso_kernels)
     assert zk.use_triton("cuda")
     P, G, K, levels = CASES[case]
     z, t, lv = make_inputs(P, G, K, levels=levels, dtype=dtype, device="cuda")
@@ -306,19 +299,19 @@ def test_gpu_triton_matches_reference(dtype, case):
         # Advantages divide by the group std: compare them relative to their scale.
         tol = atol * 10 if name == "advantages" else atol
         torch.testing.assert_close(a, b, atol=tol, rtol=0, msg=lambda m: f"{name}: {m}")
-    assert _rel_err(grad, grad_ref) < (1e-4 if dtype == torch.float32 else 1e-2)
+    assert rel_err(grad, grad_ref) < (1e-4 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.gpu
 def test_gpu_ties():
     # On the GPU too: sign(0) = 0 and half-way targets to the lower level (compiled reductions).
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._gdso_kernels)
     check_ties("cuda")
 
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._gdso_kernels)
     z, t, lv = make_inputs(64, 8, 9, dtype=torch.bfloat16, device="cuda")
     w = upstream(device="cuda")
     (o1, g1), (o2, g2) = run(zk.gdso_loss, z, t, lv, w, **HP), run(zk.gdso_loss, z, t, lv, w, **HP)
@@ -335,4 +328,4 @@ def test_gpu_compiled_reference_matches_eager():
     for name, a, b in zip(FIELDS, out_c, out_e):
         tol = 1e-2 if name == "advantages" else 1e-4
         torch.testing.assert_close(a, b, atol=tol, rtol=0, msg=lambda m: f"{name}: {m}")
-    assert _rel_err(g_c, g_e) < 1e-3
+    assert rel_err(g_c, g_e) < 1e-3

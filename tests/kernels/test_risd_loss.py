@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
+from kernel_checks import compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.risd import risd_loss_triton
 from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
@@ -289,14 +290,6 @@ def test_bad_input(change, exc, match):
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
 
 
-def _compiled_triton_or_skip() -> None:
-    # conftest defaults TRITON_INTERPRET to 1; GPU tolerances need the compiled kernels.
-    if zk._risd_kernels is None or zk._risd_kernels.INTERPRET:
-        pytest.skip("needs compiled Triton kernels: run with TRITON_INTERPRET=0 (bench/gpu_check.sh does)")
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.gpu
@@ -304,28 +297,28 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4096, 4096, 32000, 9), (1000, 1000, 4001, 17)])
 def test_gpu_triton_matches_reference(shape, dtype, reduction):
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._risd_kernels)
     assert zk.use_triton("cuda")
     hidden, weight, ids, teacher, bias = make_inputs(*shape, dtype=dtype, device="cuda", zeros=0.3)
     loss_ref, g_ref, grad = run(reference.risd_loss, hidden, weight, ids, teacher, bias, 0.7, reduction)
     loss, g_tri, _ = run(zk.risd_loss, hidden, weight, ids, teacher, bias, 0.7, reduction, grad)
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    assert _rel_err(loss, loss_ref) < tol
+    assert rel_err(loss, loss_ref) < tol
     for name, a, b in zip(("hidden", "weight", "bias"), g_tri, g_ref):
         assert a.dtype == dtype and torch.isfinite(a).all(), name
-        assert _rel_err(a, b) < tol, name
+        assert rel_err(a, b) < tol, name
 
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic_and_k_rows_mode():
-    _compiled_triton_or_skip()
+    compiled_triton_or_skip(zk._risd_kernels)
     hidden, weight, ids, teacher, bias = make_inputs(4096, 4096, 9, 9, dtype=torch.bfloat16, device="cuda")
     _, g1, grad = run(zk.risd_loss, hidden, weight, ids, teacher, bias, 1.0, "mean")
     _, g2, _ = run(zk.risd_loss, hidden, weight, ids, teacher, bias, 1.0, "mean", grad)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
     _, g_ref, _ = run(reference.risd_loss, hidden, weight, ids, teacher, bias, 1.0, "mean", grad)
-    assert all(_rel_err(a, b) < 2e-2 for a, b in zip(g1, g_ref))
+    assert all(rel_err(a, b) < 2e-2 for a, b in zip(g1, g_ref))
 
 
 @pytest.mark.gpu
@@ -336,4 +329,4 @@ def test_gpu_compiled_reference_matches_eager():
     loss_e, g_e, _ = run(reference.risd_loss, hidden, weight, ids, teacher, bias, 0.7, "mean", grad)
     torch.testing.assert_close(loss_c, loss_e, atol=2e-2, rtol=0)
     for a, b in zip(g_c, g_e):
-        assert _rel_err(a, b) < 2e-2
+        assert rel_err(a, b) < 2e-2

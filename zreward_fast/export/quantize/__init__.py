@@ -1,0 +1,272 @@
+"""Quantization of the bundle graphs: int8 dynamic (CPU), int8 static QDQ and fp8 e4m3 QDQ.
+
+The quantizers themselves are onnxruntime's (``quantize_dynamic`` / ``quantize_static``) and, for
+fp8 where it is installed, NVIDIA ModelOpt's ONNX quantizer. What this package adds is the part they
+cannot know: *which* nodes of a Qwen3.5 reward graph may lose precision (:mod:`.policy`, with a
+reason for every node kept in float), and the surgery that makes an exported graph digestible for
+them (:mod:`.passes`, named passes over one :mod:`.graph` index). :mod:`.calibration` holds the
+feeds, :mod:`.files` the bundle's file convention, and :data:`PIPELINES` maps a mode and a tool to
+the quantizer call.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from ...runtime.bundle import EXTERNAL_DATA_THRESHOLD, QUANT_MODES
+from .calibration import (
+    ArrayCalibrationReader,
+    _ProgressReader,
+    calibration_args,
+    calibration_providers,
+    check_reader_inputs,
+)
+from .files import finalize_output, graph_size_bytes, remove_graph, save_graph, tensor_bytes
+from .passes import annotate_custom_op_types, prepare_for_quantization, raise_opset
+from .policy import EXCLUDE_PATTERNS, GRAPH_RULES, MAX_HEAD_ROWS, MIN_QUANT_ELEMENTS, select_quantizable_nodes
+
+log = logging.getLogger(__name__)
+
+QuantMode = Literal["int8-dynamic", "int8-static", "fp8"]
+MODES: tuple[str, ...] = tuple(m for m in QUANT_MODES if m != "none")
+
+
+def modelopt_available() -> bool:
+    """Whether NVIDIA ModelOpt's ONNX quantizer imports here (it is the preferred fp8 tool)."""
+    try:
+        importlib.import_module("modelopt.onnx.quantization")
+    except Exception:  # noqa: BLE001 - a broken install counts as absent
+        return False
+    return True
+
+
+@dataclass
+class _Job:
+    """One quantizer call: the prepared graph, where to write, the feeds and the node lists."""
+
+    src: Path
+    dst: Path
+    reader: CalibrationDataReader | None
+    nodes_q: list[str]
+    nodes_x: list[str]
+    tmp: Path
+    external_data: bool
+    per_channel: bool
+    reduce_range: bool
+
+
+def _int8_dynamic(job: _Job) -> None:
+    quantize_dynamic(
+        job.src, job.dst, op_types_to_quantize=["MatMul"], per_channel=job.per_channel, reduce_range=job.reduce_range,
+        weight_type=QuantType.QInt8, nodes_to_quantize=job.nodes_q, nodes_to_exclude=job.nodes_x,
+        use_external_data_format=job.external_data, extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def _int8_static(job: _Job) -> None:
+    reader, extra = calibration_args(job.src, job.reader, job.tmp, CalibrationMethod.MinMax)
+    quantize_static(
+        job.src, job.dst, reader, **extra, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=job.per_channel, reduce_range=job.reduce_range,
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        nodes_to_quantize=job.nodes_q, nodes_to_exclude=job.nodes_x, use_external_data_format=job.external_data,
+        calibrate_method=CalibrationMethod.MinMax, calibration_providers=calibration_providers(),
+        # Symmetric int8 (zero point 0) everywhere: what TensorRT's explicit quantization needs.
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+                       # outputs stay float: the next op (norm, residual add, gate) is float
+                       "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+    )
+
+
+def _fp8_onnxruntime(job: _Job) -> None:
+    reader, extra = calibration_args(job.src, job.reader, job.tmp, CalibrationMethod.Distribution)
+    quantize_static(
+        job.src, job.dst, reader, **extra, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=job.per_channel, activation_type=QuantType.QFLOAT8E4M3FN,
+        weight_type=QuantType.QFLOAT8E4M3FN, nodes_to_quantize=job.nodes_q, nodes_to_exclude=job.nodes_x,
+        use_external_data_format=job.external_data,
+        calibrate_method=CalibrationMethod.Distribution,  # the only method onnxruntime allows for fp8
+        calibration_providers=calibration_providers(),
+        # onnxruntime would store a Gemm bias in fp8 with scale 1: keep biases in float.
+        extra_options={"MatMulConstBOnly": True, "QuantizeBias": False,
+                       "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+    )
+
+
+def _fp8_modelopt(job: _Job) -> None:
+    """fp8 QDQ with ModelOpt (TensorRT's own rules for Q/DQ placement); written to the documented API."""
+    from modelopt.onnx.quantization import quantize as mo_quantize
+
+    reader = job.reader
+    params = inspect.signature(mo_quantize).parameters
+    eps = ["cuda:0", "cpu"] if "CUDAExecutionProvider" in calibration_providers() else ["cpu"]
+    kwargs: dict[str, Any] = {
+        "quantize_mode": "fp8",
+        "calibration_method": "max",
+        "calibration_eps": eps,
+        "op_types_to_quantize": ["MatMul", "Gemm"],
+        # ModelOpt reads these as regular expressions: anchor and escape the exact names.
+        "nodes_to_quantize": [f"^{re.escape(n)}$" for n in job.nodes_q],
+        "nodes_to_exclude": [f"^{re.escape(n)}$" for n in job.nodes_x],
+        "use_external_data_format": job.external_data,
+        "output_path": str(job.dst),
+        "high_precision_dtype": "fp32",  # keep everything not quantized in fp32, as the other modes
+    }
+    if "calibration_data_reader" in params:
+        kwargs["calibration_data_reader"] = reader
+    else:  # older ModelOpt: a dict of arrays stacked along the batch axis
+        feeds = list(reader)
+        kwargs["calibration_data"] = {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in kwargs.items() if accepts_any or k in params}
+    mo_quantize(str(job.src), **kwargs)
+
+
+#: (mode, tool) -> the quantizer call that writes ``job.dst``
+PIPELINES: dict[tuple[str, str], Callable[[_Job], None]] = {
+    ("int8-dynamic", "onnxruntime"): _int8_dynamic,
+    ("int8-static", "onnxruntime"): _int8_static,
+    ("fp8", "onnxruntime"): _fp8_onnxruntime,
+    ("fp8", "modelopt"): _fp8_modelopt,
+}
+
+
+def quantize_bundle_graph(
+    src: str | Path,
+    dst: str | Path,
+    mode: QuantMode,
+    calibration_reader: CalibrationDataReader | None = None,
+    external_data: bool = False,
+    *,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    fp8_tool: Literal["auto", "modelopt", "onnxruntime"] = "auto",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize one bundle graph ``src`` into ``dst`` and return a JSON-serialisable report.
+
+    Modes:
+
+    * ``"int8-dynamic"``: ``quantize_dynamic``, per-channel int8 weights, activations quantized at
+      run time (``DynamicQuantizeLinear`` + ``MatMulInteger``): the CPU mode, no calibration.
+    * ``"int8-static"``: ``quantize_static`` in QDQ format, symmetric int8 weights (per channel) and
+      activations (MinMax ranges from ``calibration_reader``): for GPU back ends and TensorRT.
+    * ``"fp8"``: float8 e4m3fn QDQ. ModelOpt's quantizer when installed (``fp8_tool="auto"``),
+      else onnxruntime's (``QFLOAT8E4M3FN``, Distribution calibration, opset raised to 19).
+      onnxruntime's CPU EP runs it with dequantized fp32 arithmetic; the speed-up is TensorRT's.
+
+    Only the nodes chosen by :func:`select_quantizable_nodes` are quantized. Calibration runs
+    onnxruntime's calibrator one reader batch at a time (batches may differ in sequence length);
+    a tqdm bar shows it unless ``show_progress=False``. ``external_data``
+    writes the weights to ``<dst>.data`` (bundle convention); it is switched on automatically when
+    the weights are near the 2 GB protobuf limit. ``src`` may itself use external data.
+    """
+    src, dst = Path(src), Path(dst)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if fp8_tool not in ("auto", "modelopt", "onnxruntime"):
+        raise ValueError(f"fp8_tool must be 'auto', 'modelopt' or 'onnxruntime', got {fp8_tool!r}")
+    if not src.is_file():
+        raise FileNotFoundError(f"ONNX graph not found: {src}")
+    if src.resolve() == dst.resolve():
+        raise ValueError("dst must differ from src")
+    if mode != "int8-dynamic" and calibration_reader is None:
+        raise ValueError(f"mode {mode!r} is calibrated: pass a calibration_reader (e.g. ArrayCalibrationReader)")
+    tool = "onnxruntime"
+    if mode == "fp8" and fp8_tool != "onnxruntime":
+        if modelopt_available():
+            tool = "modelopt"
+        elif fp8_tool == "modelopt":
+            raise ImportError(
+                "fp8_tool='modelopt' but NVIDIA ModelOpt is not installed (pip install nvidia-modelopt[onnx])"
+            )
+
+    size_before = graph_size_bytes(src)
+    model = onnx.load(str(src))
+    if calibration_reader is not None:
+        check_reader_inputs(calibration_reader, model)
+    if not external_data and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        log.warning("%s: weights near the 2 GB protobuf limit; writing %s with external data", src.name, dst.name)
+        external_data = True
+    prep = prepare_for_quantization(model, split_gemm=(mode == "int8-dynamic"))
+    if mode == "fp8" and tool == "onnxruntime":
+        raise_opset(model, 19)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_graph(dst)
+
+    with tempfile.TemporaryDirectory(prefix=".quant-", dir=dst.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        save_graph(model, prepared, external_data=True)
+        del model
+        prep["typed_custom_outputs"] = annotate_custom_op_types(prepared)
+        nodes_q, nodes_x, selection = select_quantizable_nodes(prepared)
+        reader = None
+        if calibration_reader is not None:
+            reader = _ProgressReader(calibration_reader, f"calibrating {src.name} ({mode})", show_progress)
+
+        if not nodes_q:
+            # The quantizers read an empty allow-list as "everything": copy the graph instead.
+            log.warning("%s: no node qualifies for quantization; writing it unchanged", src.name)
+            tool = "none"
+            save_graph(onnx.load(str(prepared)), dst, external_data)
+        else:
+            job = _Job(prepared, dst, reader, nodes_q, nodes_x, Path(tmp), external_data, per_channel, reduce_range)
+            PIPELINES[(mode, tool)](job)
+    if not dst.is_file():
+        raise RuntimeError(f"{tool} did not write {dst}")
+    finalize_output(dst, external_data)
+    out_model = onnx.load(str(dst), load_external_data=False)
+    opset = next((o.version for o in out_model.opset_import if o.domain in ("", "ai.onnx")), None)
+    size_after = graph_size_bytes(dst)
+    return {
+        "mode": mode,
+        "tool": tool,
+        "src": src.name,
+        "dst": dst.name,
+        "external_data": bool(external_data),
+        "opset": opset,
+        "per_channel": per_channel,
+        "quantized": len(nodes_q),
+        "excluded": sorted(nodes_x),
+        "excluded_reasons": {
+            n["node"]: {"reason": n["reason"], "module": n["module"]} for n in selection["nodes"] if n["reason"]
+        },
+        "excluded_by_reason": selection["excluded_by_reason"],
+        "quantized_nodes": list(nodes_q),
+        "activation_matmuls": selection["activation_matmuls"],
+        "prepared": prep,
+        "size_bytes": {"before": size_before, "after": size_after},
+        "size_ratio": round(size_after / size_before, 4) if size_before else None,
+    }
+
+
+__all__ = [
+    "EXCLUDE_PATTERNS",
+    "GRAPH_RULES",
+    "MAX_HEAD_ROWS",
+    "MIN_QUANT_ELEMENTS",
+    "MODES",
+    "PIPELINES",
+    "ArrayCalibrationReader",
+    "graph_size_bytes",
+    "modelopt_available",
+    "quantize_bundle_graph",
+    "select_quantizable_nodes",
+]
