@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# GPU check for a lent H100/H200 machine: environment, the GPU-marked tests, the score-head
-# benchmark, then a short summary table (printed last). Run from the repo root:
+# GPU check for a lent H100/H200 machine: environment, the GPU-marked tests, the kernel and engine
+# benchmarks, then a short summary table (printed last). Run from the repo root:
 #     OUT=/some/dir bash bench/gpu_check.sh        # OUT defaults to ./gpu_out
-# Downloads nothing. Uses .venv/bin/python when it has a CUDA torch, else the system python3
-# (pytest is borrowed from .venv if the system python lacks it). Each step runs under
-# `timeout`; a failing step does not stop the others, but the script exits non-zero.
+#     bash bench/gpu_check.sh --dry-run            # every step's plumbing on this CPU machine
+# Downloads nothing: the wheels the device image lacks (bench/gpu_wheels.sh fetches them into .whl/
+# beforehand; carry .whl) are installed into "$OUT/site" first. Uses .venv/bin/python when it has a
+# CUDA torch, else the system python3 (pytest is borrowed from .venv if the system python lacks it).
+# Each step runs under `timeout`; a failing step does not stop the others, but the script exits
+# non-zero. --dry-run (or DRY_RUN=1) needs no GPU: the same steps with the CPU python, the GPU tests
+# collected and skipped, each benchmark at tiny CPU shapes, the engine with --cpu-smoke, the same
+# output files: a typo or a missing import fails here, not in device time.
 set -u
 cd "$(dirname "$0")/.."
+DRY_RUN="${DRY_RUN:-0}"
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 FAILED=()
@@ -15,6 +22,7 @@ BUDGET_S="${BUDGET_S:-560}"  # the whole script stays inside one 600 s device ca
 #   bash bench/gpu_check.sh                 # GPU tests + the four kernel benchmarks (one call)
 #   STEPS=engine bash bench/gpu_check.sh    # the scoring engine benchmark (a second call)
 STEPS="${STEPS:-tests,score_head,gdso,risd,grpo}"
+[ "$DRY_RUN" = 1 ] && STEPS="${STEPS},engine"  # a dry run checks the engine step's plumbing too
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 START_S=$SECONDS
 step() {  # step NAME SECONDS CMD...: run with a timeout, record failure, keep going
@@ -34,10 +42,17 @@ step() {  # step NAME SECONDS CMD...: run with a timeout, record failure, keep g
 has_cuda_torch() { timeout 120 "$1" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
 PY=""
-for cand in .venv/bin/python python3 python; do
-    if command -v "$cand" >/dev/null 2>&1 && has_cuda_torch "$cand"; then PY=$(command -v "$cand"); break; fi
-done
-echo "=== nvidia-smi"; timeout 30 nvidia-smi || FAILED+=("nvidia-smi")
+if [ "$DRY_RUN" = 1 ]; then
+    for cand in .venv/bin/python python3; do
+        if command -v "$cand" >/dev/null 2>&1; then PY=$(command -v "$cand"); break; fi
+    done
+    echo "=== dry run: $PY, no GPU"
+else
+    for cand in .venv/bin/python python3 python; do
+        if command -v "$cand" >/dev/null 2>&1 && has_cuda_torch "$cand"; then PY=$(command -v "$cand"); break; fi
+    done
+    echo "=== nvidia-smi"; timeout 30 nvidia-smi || FAILED+=("nvidia-smi")
+fi
 if [ -z "$PY" ]; then
     echo "no python with a CUDA torch found (.venv/bin/python, python3, python)"
     for cand in .venv/bin/python python3; do
@@ -47,9 +62,19 @@ if [ -z "$PY" ]; then
     exit 1
 fi
 
+# The wheels the device image lacks (fla, liger-kernel: bench/gpu_wheels.sh), into a private target
+# that goes first on the path; --no-deps: their needs are in the image.
+SITE=""
+if compgen -G ".whl/*.whl" >/dev/null; then
+    SITE="$(cd "$OUT" && pwd)/site"
+    echo "=== installing $(ls .whl/*.whl | wc -l) wheels from .whl into $SITE"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+        || FAILED+=("wheels")
+fi
+
 # pytest for a system python that lacks it: expose only pytest and its pure-python deps from
 # .venv (not the whole site-packages, whose CPU torch would shadow the CUDA one).
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="${SITE:+$SITE:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import pytest" 2>/dev/null; then
     SP=$(ls -d .venv/lib/python3*/site-packages 2>/dev/null | head -1)
     if [ -n "$SP" ]; then
@@ -74,24 +99,44 @@ try:
     import pytest; print('pytest', pytest.__version__)
 except Exception as e:
     print('pytest: not importable:', e)
+try:
+    import fla; print('fla', getattr(fla, '__version__', '?'))
+except Exception as e:
+    print('fla: not importable:', e)
+try:
+    import liger_kernel; print('liger_kernel', 'importable')
+except Exception as e:
+    print('liger_kernel: not importable:', e)
 "
 
-# The kernels dispatch to the interpreter only for TRITON_INTERPRET == "1"; conftest uses
-# setdefault, so exporting 0 here keeps the compiled GPU kernels.
-export TRITON_INTERPRET=0
-want tests && step gpu_tests 200 bash -o pipefail -c "'$PY' -m pytest -m gpu tests -q -rs 2>&1 | tee '$OUT/gpu_tests.txt'"
-
-# Benchmarks at the shapes of docs/architecture.md's performance targets (bf16), side by side in one run.
-want score_head && step bench_score_head 90 "$PY" bench/bench_score_head.py --device cuda --N 4096 --H 4096 --V 248320 \
-    --K 9 --dtype bf16 --out-dir "$OUT"
-want gdso && step bench_gdso_loss 60 "$PY" bench/bench_gdso_loss.py --device cuda --P 64 --G 8 --K 9 --dtype bf16 --out-dir "$OUT"
-want risd && step bench_risd_loss 90 "$PY" bench/bench_risd_loss.py --device cuda --N 4096 --H 4096 --V 248320 --K 9 \
-    --dtype bf16 --out-dir "$OUT"
-want grpo && step bench_grpo_loss 180 "$PY" bench/bench_grpo_loss.py --device cuda --B 16 --T 768 --H 4096 --V 248320 \
-    --dtype bf16 --impls eager,eager-native,compile-native,liger,triton --chunk auto,512,2048 --repeats 5 \
-    --warmup 1 --max-seconds 10 --out-dir "$OUT"
-
-want engine && step bench_engine 300 "$PY" bench/bench_engine.py --quick --out-dir "$OUT"
+# The shapes of docs/architecture.md's performance targets (bf16), side by side in one run; a dry
+# run uses the CPU and tiny shapes (the Triton rows under the interpreter, as tests/test_bench_scripts.py).
+if [ "$DRY_RUN" = 1 ]; then
+    DEV=(--device cpu --repeats 1 --warmup 0)
+    SCORE_ARGS=(--interpret --impls eager-gathered,triton --N 32 --H 64 --V 256)
+    GDSO_ARGS=(--impls eager,triton --P 4 --G 4 --K 9)
+    RISD_ARGS=(--interpret --impls eager-gathered,triton --N 32 --H 64 --V 256)
+    GRPO_ARGS=(--impls eager,triton --B 2 --T 8 --H 32 --V 256)
+    ENGINE_ARGS=(--quick --cpu-smoke)
+else
+    # The kernels dispatch to the interpreter only for TRITON_INTERPRET == "1"; conftest uses
+    # setdefault, so exporting 0 here keeps the compiled GPU kernels.
+    export TRITON_INTERPRET=0
+    DEV=(--device cuda --dtype bf16)
+    SCORE_ARGS=(--N 4096 --H 4096 --V 248320 --K 9)
+    GDSO_ARGS=(--P 64 --G 8 --K 9)
+    RISD_ARGS=(--N 4096 --H 4096 --V 248320 --K 9)
+    GRPO_ARGS=(--B 16 --T 768 --H 4096 --V 248320 --impls eager,eager-native,compile-native,liger,triton
+               --chunk auto,512,2048 --repeats 5 --warmup 1 --max-seconds 10)
+    ENGINE_ARGS=(--quick)
+fi
+# only the packages that hold GPU tests: a module that cannot import elsewhere costs no device time
+want tests && step gpu_tests 200 bash -o pipefail -c "'$PY' -m pytest -m gpu tests/kernels tests/engine -q -rs 2>&1 | tee '$OUT/gpu_tests.txt'"
+want score_head && step bench_score_head 90 "$PY" bench/bench_score_head.py "${DEV[@]}" "${SCORE_ARGS[@]}" --out-dir "$OUT"
+want gdso && step bench_gdso_loss 60 "$PY" bench/bench_gdso_loss.py "${DEV[@]}" "${GDSO_ARGS[@]}" --out-dir "$OUT"
+want risd && step bench_risd_loss 90 "$PY" bench/bench_risd_loss.py "${DEV[@]}" "${RISD_ARGS[@]}" --out-dir "$OUT"
+want grpo && step bench_grpo_loss 180 "$PY" bench/bench_grpo_loss.py "${DEV[@]}" "${GRPO_ARGS[@]}" --out-dir "$OUT"
+want engine && step bench_engine 300 "$PY" bench/bench_engine.py "${ENGINE_ARGS[@]}" --out-dir "$OUT"
 
 echo "=== summary ($OUT/summary.csv)"
 "$PY" bench/summarize.py "$OUT" || FAILED+=("summary")

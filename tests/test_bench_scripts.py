@@ -43,3 +43,26 @@ def test_kernel_benchmark_runs_and_writes_its_rows(name, tmp_path):
 def test_gpu_check_script_parses():
     r = subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
+    """`gpu_check.sh --dry-run`: every step of the device run (the GPU tests collected and skipped,
+    the four kernel benchmarks at tiny shapes, the engine's CPU smoke, the summary) with this
+    machine's python, so a typo or a missing import never costs device time."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "STEPS")}
+    env.update(OUT=str(out), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "dry run" in r.stdout and "all steps passed" in r.stdout
+    for step in ("env", "gpu_tests", "bench_score_head", "bench_gdso_loss", "bench_risd_loss", "bench_grpo_loss",
+                 "bench_engine"):
+        assert f"=== [{step}] rc=0" in r.stdout, step
+    for f in ("gpu_tests.txt", "score_head.csv", "gdso_loss.csv", "risd_loss.csv", "grpo_loss.csv", "engine.csv",
+              "summary.csv"):
+        assert (out / f).is_file(), f
+    # the GPU tests were found (collected) and skipped here, none failed
+    tests = (out / "gpu_tests.txt").read_text()
+    assert "skipped" in tests and "failed" not in tests and "error" not in tests.lower(), tests[-2000:]
