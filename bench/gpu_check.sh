@@ -87,26 +87,15 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
 fi
 
 step env 120 "$PY" -c "
-import sys, platform, torch
+import importlib, sys, platform, torch
 print('python', sys.version.split()[0], sys.executable, platform.platform())
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
 print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-try:
-    import triton; print('triton', triton.__version__)
-except Exception as e:
-    print('triton: not importable:', e)
-try:
-    import pytest; print('pytest', pytest.__version__)
-except Exception as e:
-    print('pytest: not importable:', e)
-try:
-    import fla; print('fla', getattr(fla, '__version__', '?'))
-except Exception as e:
-    print('fla: not importable:', e)
-try:
-    import liger_kernel; print('liger_kernel', 'importable')
-except Exception as e:
-    print('liger_kernel: not importable:', e)
+for name in ('triton', 'pytest', 'transformers', 'fla', 'liger_kernel'):
+    try:
+        print(name, getattr(importlib.import_module(name), '__version__', 'importable'))
+    except Exception as e:
+        print(name + ': not importable:', e)
 "
 
 # The shapes of docs/architecture.md's performance targets (bf16), side by side in one run; a dry
