@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
-    DTYPES, SHORT, Timer, add_speedups, pick_impls, print_table, results_dir, start_kernel_bench, timing_fields,
-    write_results,
+    DTYPES, SHORT, Timer, add_roofline, add_speedups, pick_impls, print_table, results_dir, start_kernel_bench,
+    timing_fields, write_results,
 )
 from common import device_name as _device_name  # noqa: E402
 CSV_FIELDS = ["impl", "P", "G", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90", "speedup_vs_eager", "note"]
@@ -185,6 +185,10 @@ def main(argv=None) -> int:
         print(f"  {impl:14s} {row['ms_median']:10.4f} ms", flush=True)
 
     add_speedups(rows, "eager", "speedup_vs_eager")
+    # the op's floor: the [P, 2, G, K] logits read and their grad written, the pairwise |mu_i - mu_j|
+    # terms (2 G^2 per instance) and the K-level softmaxes; microseconds: these calls are launch-bound
+    elt = torch.empty((), dtype=dtype).element_size()
+    add_roofline(rows, 2 * elt * P * 2 * G * K + 4 * P * 2, P * (2 * G * K * 10 + 2 * G * G * 4))
     print_table(rows, note=True)
     write_results(rows, out_dir, "gdso_loss", CSV_FIELDS, f"GDSO loss fwd+bwd: P={P} G={G} K={K} {short}, {device_name}",
                   color=lambda r: "#4C72B0" if r["impl"] in ("eager", "compile") else "#55A868")

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
-    DTYPES, SHORT, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
+    DTYPES, SHORT, Timer, add_roofline, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
     timing_fields, write_results,
 )
 CSV_FIELDS = ["impl", "B", "T", "H", "V", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
@@ -283,6 +283,10 @@ def main(argv=None) -> int:
         base["note"] += "; speedup baseline"
     if base:
         add_speedups(rows, base["impl"], "speedup_vs_eager")
+    # the op's floor: the [B*T, H] x [H, V] logits GEMM forward and its two backward GEMMs (grad_h,
+    # grad_W), the LM head read twice and its grad written, the hidden read twice and its grad written
+    elt = torch.empty((), dtype=dtype).element_size()
+    add_roofline(rows, elt * (3 * V * H + 3 * B * T * H) + 4 * 4 * B * T, 6 * B * T * H * V)
     print_table(rows, speedup_key="speedup_vs_eager", mem_key="peak_extra_mb")
     write_results(rows, out_dir, "grpo_loss", CSV_FIELDS,
                   f"GRPO token loss fwd+bwd: B={B} T={T} H={H} V={V} {short}, W grad {args.weight_grad}, {dname}",

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DTYPES, SHORT, add_score_rows_args, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
+    DTYPES, SHORT, add_roofline, add_score_rows_args, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
     timing_fields, write_results,
 )
 
@@ -187,6 +187,10 @@ def main(argv=None) -> int:
 
     # speedup relative to eager-gathered with the same weight layout
     add_speedups(rows, "eager-gathered", SPEEDUP, same=("weight",))
+    # the op's floor: as the score head's, plus the teacher's [N, K] fp32 probabilities
+    elt = torch.empty((), dtype=dtype).element_size()
+    add_roofline(rows, elt * (3 * args.N * args.H + 3 * args.K * args.H) + 4 * args.N * args.K,
+                 6 * args.N * args.H * args.K)
     print_table(rows, keys=("impl", "weight", "V"), speedup_key=SPEEDUP)
     write_results(rows, out_dir, "risd_loss", CSV_FIELDS,
                   f"RISD loss fwd+bwd ({args.reduction}): N={args.N} H={args.H} V={args.V} K={args.K} {short}, {dname}",

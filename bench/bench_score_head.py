@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
-    DTYPES, SHORT, add_score_rows_args, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
+    DTYPES, SHORT, add_roofline, add_score_rows_args, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
     timing_fields, write_results,
 )
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
@@ -175,6 +175,9 @@ def main(argv=None) -> int:
 
     # speedup relative to eager-gathered with the same weight-grad setting
     add_speedups(rows, "eager-gathered", SPEEDUP, same=("weight_grad",))
+    # the op's floor: hidden read twice and its grad written; the K rows read, their grad written
+    elt = torch.empty((), dtype=dtype).element_size()
+    add_roofline(rows, elt * (3 * args.N * args.H + 3 * args.K * args.H), 6 * args.N * args.H * args.K)
     print_table(rows, keys=("impl", "weight_grad"), speedup_key=SPEEDUP)
     write_results(rows, out_dir, "score_head", CSV_FIELDS,
                   f"score head fwd+bwd: N={args.N} H={args.H} V={args.V} K={args.K} {short}, {device_name(dev)}",

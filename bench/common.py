@@ -154,6 +154,28 @@ class Timer:
         return self.times(fn, repeats), peak
 
 
+# The floor every GPU figure is read against: an H200's HBM bandwidth and dense bf16 tensor-core
+# rate (docs/architecture.md, Performance targets; the device notes measured 4.3 TB/s and 788 TFLOP/s).
+H200_BYTES_PER_S = 4.8e12
+H200_BF16_FLOPS_PER_S = 790e12
+
+
+def roofline_ms(bytes_moved: float, flops: float, bandwidth: float = H200_BYTES_PER_S,
+                peak_flops: float = H200_BF16_FLOPS_PER_S) -> float:
+    """The physical floor of one call on an H200, in ms: the longer of moving its compulsory bytes
+    and doing its FLOPs (no launch overhead, no reuse beyond what the op needs)."""
+    return 1e3 * max(bytes_moved / bandwidth, flops / peak_flops)
+
+
+def add_roofline(rows: list[dict], bytes_moved: float, flops: float) -> None:
+    """``floor_ms`` (the op's H200 floor at this shape) and ``x_floor`` (measured / floor) on every row."""
+    floor = roofline_ms(bytes_moved, flops)
+    for r in rows:
+        r["floor_ms"] = floor
+        if r.get("ms_median"):
+            r["x_floor"] = r["ms_median"] / floor
+
+
 def timing_fields(times: list[float]) -> dict:
     return {"ms_median": statistics.median(times), "ms_p10": quantile(times, 0.1), "ms_p90": quantile(times, 0.9)}
 
@@ -184,7 +206,9 @@ def print_table(rows: list[dict], keys: Sequence[str] = ("impl",), speedup_key: 
     a timing prints its note instead."""
     width = {k: max([len(k)] + [len(str(r.get(k, ""))) for r in rows]) for k in keys}
     head = " ".join(f"{k:{width[k]}s}" for k in keys)
-    print(f"\n{head} {'ms':>10s} {'p10':>10s} {'p90':>10s} {'peak MB':>9s} {'speedup':>8s}" + ("  note" if note else ""))
+    floor = any(r.get("floor_ms") for r in rows)
+    print(f"\n{head} {'ms':>10s} {'p10':>10s} {'p90':>10s} {'peak MB':>9s} {'speedup':>8s}"
+          + (f" {'x H200 floor':>12s}" if floor else "") + ("  note" if note else ""))
     for r in rows:
         lead = " ".join(f"{str(r.get(k, '')):{width[k]}s}" for k in keys)
         if r.get("ms_median") is None:
@@ -192,8 +216,12 @@ def print_table(rows: list[dict], keys: Sequence[str] = ("impl",), speedup_key: 
             continue
         peak = f"{r[mem_key]:9.1f}" if r.get(mem_key) is not None else f"{'n/a':>9s}"
         sp = f"{r[speedup_key]:7.2f}x" if r.get(speedup_key) else f"{'':8s}"
-        print(f"{lead} {r['ms_median']:10.4g} {r['ms_p10']:10.4g} {r['ms_p90']:10.4g} {peak} {sp}"
+        xf = f" {r['x_floor']:11.1f}x" if floor and r.get("x_floor") else (f" {'':12s}" if floor else "")
+        print(f"{lead} {r['ms_median']:10.4g} {r['ms_p10']:10.4g} {r['ms_p90']:10.4g} {peak} {sp}{xf}"
               + (f"  {r.get('note', '')}" if note else ""))
+    if floor:
+        print(f"(x H200 floor: measured / {rows[0]['floor_ms']:.4g} ms, the op's bytes at 4.8 TB/s or its FLOPs at "
+              f"790 TFLOP/s, whichever is longer)")
 
 
 def plot_rows(rows: list[dict], path: Path, title: str, label=None, color=None,
@@ -267,7 +295,8 @@ def write_results(rows: list[dict], out_dir: Path, stem: str, fields: Sequence[s
     may lack it: the CSV is what counts). ``plot`` replaces :func:`plot_rows` (same arguments)."""
     csv_path = out_dir / f"{stem}.csv"
     with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields))
+        fields = list(fields) + [k for k in ("floor_ms", "x_floor") if k not in fields and any(k in r for r in rows)]
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: fmt(r.get(k)) for k in fields})

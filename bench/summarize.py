@@ -31,7 +31,7 @@ def main(out_dir: str) -> int:
             rows.append({
                 "kernel": name, "impl": r["impl"], "shape": " ".join(f"{c}={r[c]}" for c in shape_cols if c in r),
                 "dtype": r.get("dtype", ""), "device": r.get("device", ""), "ms_median": r.get("ms_median", ""),
-                "peak_mb": mem, "speedup": speed, "note": r.get("note", ""),
+                "peak_mb": mem, "speedup": speed, "x_h200_floor": r.get("x_floor", ""), "note": r.get("note", ""),
             })
     engine = out / "engine.csv"
     if engine.is_file():  # the scoring engine: its own columns, printed as they are
@@ -50,12 +50,14 @@ def main(out_dir: str) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print(f"{'kernel':11s} {'impl':18s} {'shape':40s} {'dtype':5s} {'ms':>9s} {'peak MB':>9s} {'speedup':>8s}")
+    print(f"{'kernel':11s} {'impl':18s} {'shape':40s} {'dtype':5s} {'ms':>9s} {'peak MB':>9s} {'speedup':>8s} "
+          f"{'x H200 floor':>12s}")
     for r in rows:
         sp = f"{float(r['speedup']):.2f}x" if r["speedup"] else "-"
+        xf = f"{float(r['x_h200_floor']):.1f}x" if r["x_h200_floor"] else "-"
         ms = r["ms_median"] or ("-" if r["note"].startswith(("skip", "interp", "CPU")) else "fail")
         print(f"{r['kernel']:11s} {r['impl']:18s} {r['shape'][:40]:40s} {r['dtype']:5s} {ms:>9s} "
-              f"{r['peak_mb'] or '-':>9s} {sp:>8s}")
+              f"{r['peak_mb'] or '-':>9s} {sp:>8s} {xf:>12s}")
     return 0
 
 

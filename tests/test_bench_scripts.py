@@ -66,3 +66,17 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
     # the GPU tests were found (collected) and skipped here, none failed
     tests = (out / "gpu_tests.txt").read_text()
     assert "skipped" in tests and "failed" not in tests and "error" not in tests.lower(), tests[-2000:]
+
+
+def test_roofline_floor_is_the_slower_of_bytes_and_flops():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import add_roofline, roofline_ms
+
+    assert roofline_ms(4.8e12, 0) == pytest.approx(1000.0)  # one second of HBM traffic
+    assert roofline_ms(0, 790e12) == pytest.approx(1000.0)  # one second of bf16 tensor-core work
+    # the GRPO target shape (B*T = 12288 tokens, H 4096, V 248320, bf16): compute-bound, ~95 ms
+    bt, h, v = 16 * 768, 4096, 248320
+    assert roofline_ms(2 * (3 * v * h + 3 * bt * h), 6 * bt * h * v) == pytest.approx(6 * bt * h * v / 790e9)
+    rows = [{"impl": "a", "ms_median": 2.0}, {"impl": "b", "note": "failed"}]
+    add_roofline(rows, 4.8e9, 0)  # a 1 ms floor
+    assert rows[0]["x_floor"] == pytest.approx(2.0) and "x_floor" not in rows[1] and rows[1]["floor_ms"] == 1.0
