@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..reference import ScoreHeadOutput
 from .score_rows import (
-    ScoreRowsLaunchConfig, masked_log_softmax, score_row_logits, store_grad_hidden, weight_grad_partials,
+    ScoreRowsLaunchConfig, masked_log_softmax, row_tile, score_row_logits, store_grad_hidden, weight_grad_partials,
 )
 from .utils import INTERPRET, block_k, dot_precision, interp_cast
 
@@ -45,11 +45,7 @@ def _score_head_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_k = tl.arange(0, BLOCK_K)
-    m_n = o_n < N
-    m_k = o_k < K
+    o_n, o_k, m_n, m_k, o_nk, m_nk = row_tile(N, K, BLOCK_N, BLOCK_K)
     # Row index of each score token in the LM head; padded columns read row 0, masked anyway.
     b_ids = tl.load(token_ids + o_k, mask=m_k, other=0).to(tl.int64)
 
@@ -65,8 +61,6 @@ def _score_head_fwd_kernel(
     # where(): padded columns would give 0 * -inf = nan.
     b_ent = -tl.sum(b_p * tl.where(m_k[None, :], b_logp, 0.0), axis=1)
 
-    o_nk = o_n[:, None].to(tl.int64) * K + o_k[None, :]
-    m_nk = m_n[:, None] & m_k[None, :]
     tl.store(logits + o_nk, b_z, mask=m_nk)
     tl.store(log_probs + o_nk, b_logp, mask=m_nk)
     tl.store(probs + o_nk, b_p, mask=m_nk)
@@ -96,13 +90,7 @@ def _score_head_bwd_dz_dh_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_k = tl.arange(0, BLOCK_K)
-    m_n = o_n < N
-    m_k = o_k < K
-    m_nk = m_n[:, None] & m_k[None, :]
-    o_nk = o_n[:, None].to(tl.int64) * K + o_k[None, :]
+    o_n, o_k, m_n, m_k, o_nk, m_nk = row_tile(N, K, BLOCK_N, BLOCK_K)
 
     # Padded/out-of-range entries load p = 0, so every term below vanishes there.
     b_p = tl.load(probs + o_nk, mask=m_nk, other=0.0)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .score_rows import (
-    ScoreRowsLaunchConfig, masked_log_softmax, score_row_logits, store_grad_hidden, weight_grad_partials,
+    ScoreRowsLaunchConfig, masked_log_softmax, row_tile, score_row_logits, store_grad_hidden, weight_grad_partials,
 )
 from .utils import INTERPRET, block_k, dot_precision, interp_cast
 
@@ -53,12 +53,7 @@ def _risd_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_k = tl.arange(0, BLOCK_K)
-    m_n = o_n < N
-    m_k = o_k < K
-    m_nk = m_n[:, None] & m_k[None, :]
+    o_n, o_k, m_n, m_k, o_nk, m_nk = row_tile(N, K, BLOCK_N, BLOCK_K)
     # Row index of each score token in the LM head; padded columns read row 0, masked anyway.
     b_ids = tl.load(token_ids + o_k, mask=m_k, other=0).to(tl.int64)
 
@@ -77,7 +72,6 @@ def _risd_fwd_kernel(
 
     # dKL/dz = qS * sum(qT) - qT; z is divided by T, so is its gradient w.r.t. h . w + b.
     b_d = (b_qs * tl.sum(b_qt, axis=1)[:, None] - b_qt) / temperature
-    o_nk = o_n[:, None].to(tl.int64) * K + o_k[None, :]
     tl.store(d_raw + o_nk, b_d, mask=m_nk)
     tl.store(kl + o_n, b_kl, mask=m_n)
 
@@ -94,13 +88,7 @@ def _risd_bwd_dh_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_k = tl.arange(0, BLOCK_K)
-    m_n = o_n < N
-    m_k = o_k < K
-    m_nk = m_n[:, None] & m_k[None, :]
-    o_nk = o_n[:, None].to(tl.int64) * K + o_k[None, :]
+    o_n, o_k, m_n, m_k, o_nk, m_nk = row_tile(N, K, BLOCK_N, BLOCK_K)
 
     # Upstream grad: per row ("none", stride 1) or one scalar for all rows (stride 0), times
     # g_scale (1/N for "mean"). Padded entries load 0, so the matmul below ignores them.

@@ -48,6 +48,17 @@ class ScoreRowsLaunchConfig:
 
 
 @triton.jit
+def row_tile(N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile of a row-major [N, K] tensor: row offsets ``o_n`` (BLOCK_N rows from
+    program_id 0) and column offsets ``o_k``, their masks, and the tile's flat offsets and mask."""
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    m_n = o_n < N
+    m_k = o_k < K
+    return o_n, o_k, m_n, m_k, o_n[:, None].to(tl.int64) * K + o_k[None, :], m_n[:, None] & m_k[None, :]
+
+
+@triton.jit
 def score_row_logits(
     hidden, weight, bias, b_ids, o_n, m_n, m_k, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
