@@ -71,7 +71,7 @@ class ReproduceConfig:
     risd_batch: int = 16
     # students distilled from the same labels from other random inits (init 1, 2, ...): the spread
     # the student row carries. The quick config at seed 0 gave 0.64, 0.75, 0.70, 0.71 over four
-    # inits against its teacher's 0.75 (README)
+    # inits against its teacher's 0.75 (docs/reproduce.md)
     student_inits: int = 4
     scalar_steps: int = 300
     export_pairs: int = 100
