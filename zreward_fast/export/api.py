@@ -26,8 +26,18 @@ from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, GDN_FORMS, resolve_quant_m
 
 
 # images per batch of the parity check: activations, not weights, set the peak at real widths (a
-# 448x448 batch of 32 took 4.7 GB in onnxruntime at 0.8B width, a batch of 2 about 0.7 GB)
-PARITY_BATCH = 2
+# 448x448 batch of 32 took 4.7 GB in onnxruntime at 0.8B width, a batch of 2 about 0.7 GB), so the
+# batch shrinks as hidden width x image tokens grow: 2 at 0.8B width and 448x448, 16 for small models
+PARITY_BATCH_BUDGET = 2 * 1024 * 256  # hidden x image tokens x images of about 0.7 GB at 0.8B width
+MAX_PARITY_BATCH = 16
+
+
+def parity_batch(rm: Any) -> int:
+    """Images per batch of the reference and parity scoring for ``rm`` (see PARITY_BATCH_BUDGET)."""
+    cfg = rm.model.config
+    hidden = int(getattr(getattr(cfg, "text_config", cfg), "hidden_size"))
+    per_image = hidden * int(rm.processor.num_image_tokens)
+    return max(1, min(MAX_PARITY_BATCH, PARITY_BATCH_BUDGET // per_image))
 
 
 class ExportParityError(RuntimeError):
@@ -133,9 +143,10 @@ def export_bundle(
     # loaded here is released before the bundle is loaded for the parity check (peak RAM: one copy
     # of the weights at a time, not two).
     images, prompts, pairs = held_out_pairs(num_pairs)
+    batch = parity_batch(rm)
     ref_results = []
-    for i in _progress(range(0, len(images), PARITY_BATCH), "reference scores", progress):
-        ref_results += rm.score(images[i : i + PARITY_BATCH], prompts[i : i + PARITY_BATCH], dims)
+    for i in _progress(range(0, len(images), batch), "reference scores", progress):
+        ref_results += rm.score(images[i : i + batch], prompts[i : i + batch], dims, batch_size=batch)
     ref = _probs_from_results(ref_results, dims)
 
     work = Path(tempfile.mkdtemp(prefix="zreward-export-"))
@@ -174,8 +185,8 @@ def export_bundle(
 
         scorer = Scorer(bundle)
         test_results = []
-        for i in _progress(range(0, len(images), PARITY_BATCH), "parity", progress):
-            test_results += scorer.score(images[i : i + PARITY_BATCH], prompts[i : i + PARITY_BATCH], dims)
+        for i in _progress(range(0, len(images), batch), "parity", progress):
+            test_results += scorer.score(images[i : i + batch], prompts[i : i + batch], dims, batch_size=batch)
         del scorer
         test = _probs_from_results(test_results, dims)
         report = parity_report(ref, test, levels, dims, {d: pairs[d] for d in dims if d in pairs},
