@@ -77,10 +77,36 @@ print(json.dumps(out))
 """
 
 
+# Imported first by every child (sitecustomize): any network connection raises, so a repo id that
+# the cache did not satisfy fails the test instead of downloading.
+_NO_NETWORK = """
+import socket
+
+def _refuse(*args, **kwargs):
+    raise ConnectionRefusedError("network access in a test: everything must come from the local cache")
+
+socket.socket.connect = socket.socket.connect_ex = _refuse
+socket.create_connection = _refuse
+"""
+
+
 def _offline_env(cache: Path) -> dict:
+    guard = cache.parent / "no-network"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(_NO_NETWORK)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "TRITON_INTERPRET"}
-    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf-home"))
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf-home"),
+               HF_ENDPOINT="http://127.0.0.1:9",  # and a closed port, were offline mode ever bypassed
+               PYTHONPATH=os.pathsep.join(filter(None, [str(guard), env.get("PYTHONPATH")])))
     return env
+
+
+def test_children_cannot_reach_the_network(hub):
+    _, cache, _ = hub
+    code = "import socket; socket.create_connection(('127.0.0.1', 9))"
+    proc = subprocess.run([sys.executable, "-c", code], env=_offline_env(cache), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "network access in a test" in proc.stderr, proc.stderr[-1000:]
 
 
 def test_models_and_bundles_load_by_repo_id_and_revision_offline(hub):
