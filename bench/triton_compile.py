@@ -103,8 +103,8 @@ def _describe(launch: dict) -> dict:
             args[name] = {"type": "i32" if -2**31 <= v < 2**31 else "i64", "value": v}
         elif isinstance(v, float):
             args[name] = {"type": "fp32", "value": v}
-        else:
-            args[name] = {"value": v if isinstance(v, (int, float)) else str(v)}
+        else:  # a dtype or another object passed as a constexpr
+            args[name] = {"value": str(v)}
     kw = dict(launch["kwargs"])
     options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
     for name, v in kw.items():

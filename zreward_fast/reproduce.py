@@ -311,7 +311,8 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
             engine = default_engine(rm_teacher, cfg.max_new_tokens, do_sample=False)
             label_risd_targets(rm_teacher.eval(), data["label"], labels, engine=engine)
         lap("labelling")
-        student = _risd(cfg, read_manifest(labels, "risd"), out / "student", resume)
+        teacher_labels = read_manifest(labels, "risd")
+        student = _risd(cfg, teacher_labels, out / "student", resume)
         student_gt = _risd(cfg, _known_targets(data["label"]), out / "student-gt", resume)
         lap("RISD")
 
@@ -346,7 +347,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
         lap("evaluation")
 
         student_row = rows["student, RISD from the GDSO teacher"]
-        inits = _student_inits(cfg, read_manifest(labels, "risd"), out, resume, student_row, ev)
+        inits = _student_inits(cfg, teacher_labels, out, resume, student_row, ev)
         if inits:
             lap("student inits")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
-from kernel_checks import compiled_triton_or_skip, rel_err
+from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.gdso import GDSOLaunchConfig, gdso_loss_triton
 from zreward_fast.scale import ScoreScale
@@ -258,10 +258,7 @@ def _good():
     ],
 )
 def test_bad_input(change, exc, match):
-    kw = _good()
-    kw.update(change)
-    with pytest.raises(exc, match=match):
-        zk.gdso_loss(**kw)
+    assert_rejects(zk.gdso_loss, _good(), change, exc, match)
 
 
 def test_triton_driver_rejects_bad_shapes():
@@ -275,8 +272,6 @@ def test_triton_driver_rejects_bad_shapes():
 
 
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
-
-
 
 
 @pytest.mark.gpu

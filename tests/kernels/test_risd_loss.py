@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
-from kernel_checks import compiled_triton_or_skip, rel_err
+from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.risd import risd_loss_triton
 from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
@@ -281,15 +281,10 @@ def _teacher(fill):
     ],
 )
 def test_bad_input(change, exc, match):
-    kw = _good()
-    kw.update(change)
-    with pytest.raises(exc, match=match):
-        zk.risd_loss(**kw)
+    assert_rejects(zk.risd_loss, _good(), change, exc, match)
 
 
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
-
-
 
 
 @pytest.mark.gpu

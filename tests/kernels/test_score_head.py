@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
-from kernel_checks import compiled_triton_or_skip, rel_err
+from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.fused_score_head import score_head_triton
 from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
@@ -225,15 +225,10 @@ def _good():
     ],
 )
 def test_bad_input(change, exc, match):
-    kw = _good()
-    kw.update(change)
-    with pytest.raises(exc, match=match):
-        zk.score_head(**kw)
+    assert_rejects(zk.score_head, _good(), change, exc, match)
 
 
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
-
-
 
 
 @pytest.mark.gpu

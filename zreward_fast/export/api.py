@@ -21,7 +21,8 @@ import numpy as np
 from .. import __version__
 from ..fileio import staged_directory
 from ..modeling import ZRewardModel
-from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, GDN_FORMS, resolve_quant_mode
+from ..models.gated_deltanet import check_gdn_form
+from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, resolve_quant_mode
 
 
 
@@ -126,8 +127,7 @@ def export_bundle(
     from .parity import DEFAULT_THRESHOLDS, PARITY_TIE_TOL, check_thresholds, parity_report
 
     mode = resolve_quant_mode(quantize)
-    if gdn not in GDN_FORMS:
-        raise ValueError(f"gdn must be one of {GDN_FORMS}, got {gdn!r}")
+    check_gdn_form(gdn)
     if num_pairs < 1:
         raise ValueError("num_pairs must be >= 1")
     out = Path(out_dir)

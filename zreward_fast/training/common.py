@@ -1,4 +1,5 @@
-"""Pieces both trainers share: configs from files, the deterministic batch schedule, checkpoints."""
+"""What the trainers share: their config base, configs from files, the deterministic batch schedule,
+checkpoints."""
 from __future__ import annotations
 
 import dataclasses
