@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="directory of a saved ZRewardModel")
     e.add_argument("--out", required=True, help="bundle directory to write")
     e.add_argument("--quantize", default="none", choices=[*QUANT_MODES, *QUANT_ALIASES],
-                   help="int8 = dynamic per-channel (CPU); int8-static and fp8 are QDQ calibrated on images")
+                   help="int8 = dynamic per-channel (CPU); int8-weight / int4-weight = weight-only, block-wise "
+                        "(CPU, MatMulNBits); int8-static and fp8 are QDQ calibrated on images")
     e.add_argument("--calib", default=None, help="directory of calibration images (default: synthetic images)")
     e.add_argument("--gdn", default="decomposed", choices=GDN_FORMS,
                    help="Gated DeltaNet decomposed into standard ops (default: any back end, and the faster "

@@ -229,6 +229,37 @@ def real_model(name: str, layers: int = 4, vision_depth: int = 2, image_size: in
     return model, ZRewardProcessor(tokenizer, image_size=image_size, scale=scale, dimensions=DIMENSIONS)
 
 
+#: the decoder-layer norms whose gains :func:`add_outlier_channels` raises: their outputs are the
+#: inputs of every large projection (q/k/v/gate, in_proj_qkv/z, the MLP's gate/up)
+OUTLIER_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+@torch.no_grad()
+def add_outlier_channels(model: Any, count: int = 4, gain: float = 30.0, seed: int = 0) -> list[int]:
+    """Give a random model the outlier features of real LLM checkpoints, in place; returns the channels.
+
+    Trained Qwen-family models carry a few hidden channels whose activations are tens of times larger
+    than the rest (LLM.int8(), Dettmers et al. 2022; "massive activations", Sun et al. 2024), and they
+    enter the projections through the decoder norms. Here the effective gain of ``count`` hidden
+    channels (the same ones in every layer, drawn with ``seed``) of every decoder layer's
+    :data:`OUTLIER_NORMS` is multiplied by ``gain``, so those channels of the projections' inputs are
+    ``gain`` times larger; weights and everything else are unchanged. Works for Qwen3.5's zero-centred
+    ``(1 + w)`` norms and for plain ``w`` norms alike.
+    """
+    if count < 1 or not gain > 1.0:
+        raise ValueError(f"count must be >= 1 and gain > 1, got {count} and {gain}")
+    layers = model.model.language_model.layers
+    hidden = model.config.text_config.hidden_size
+    channels = torch.randperm(hidden, generator=torch.Generator().manual_seed(seed))[:count].sort().values.tolist()
+    for layer in layers:
+        for name in OUTLIER_NORMS:
+            norm = getattr(layer, name)
+            # the gain each channel applies now: the norm of an all-ones row is exactly it
+            current = norm(torch.ones(1, hidden, dtype=norm.weight.dtype))[0]
+            norm.weight[channels] += current[channels] * (gain - 1.0)
+    return channels
+
+
 def demo_model(seed: int = 0, image_size: int = 128) -> tuple[Any, Any]:
     """The demo's student: tiny (hidden 128, 4 layers, vision depth 2) on a 128x128 bucket
     (16 image tokens), big enough to learn the synthetic dimensions in a few CPU minutes."""

@@ -66,10 +66,10 @@ def _weight_dtypes(model) -> dict[str, int]:
 
 
 @needs_onnx
-@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "fp8"])
+@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "fp8", "int8-weight", "int4-weight"])
 def test_quantize_modes(block_graph, tmp_path, mode):
     src = block_graph["path"]
-    reader = None if mode == "int8-dynamic" else zq.ArrayCalibrationReader(block_graph["calib"])
+    reader = zq.ArrayCalibrationReader(block_graph["calib"]) if mode in zq.CALIBRATED_MODES else None
     dst = tmp_path / f"{mode}.onnx"
     report = zq.quantize_bundle_graph(src, dst, mode, reader, show_progress=False)
     assert report["mode"] == mode and report["tool"] == "onnxruntime" and report["external_data"] is False
@@ -102,6 +102,15 @@ def test_quantize_modes(block_graph, tmp_path, mode):
         assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "Gemm" not in ops
         b_inputs = [n.input[1] for n in g.node if n.op_type == "MatMulInteger"]
         assert len(b_inputs) == 4 and all(dtypes[b] == TensorProto.INT8 for b in b_inputs)
+    elif mode.endswith("-weight"):
+        # weight-only: packed block-wise weights, the activations stay float (no Q/DQ, no MatMulInteger)
+        nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == 4 and not ops & {"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "Gemm"}
+        for n in nbits:
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+            assert a["bits"] == int(mode[3]) and a["block_size"] == zq.WEIGHT_BLOCK_SIZE
+            assert a["accuracy_level"] == zq.WEIGHT_ACCURACY_LEVEL and dtypes[n.input[1]] == TensorProto.UINT8
+        assert sorted(n.name for n in nbits) == sorted(f"{q}_Q{mode[3]}" for q in report["quantized_nodes"])
     else:
         qtype = TensorProto.INT8 if mode == "int8-static" else TensorProto.FLOAT8E4M3FN
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -152,7 +161,8 @@ def _handmade_graph(path: Path) -> Path:
 
 
 @needs_onnx
-@pytest.mark.parametrize("mode,tol", [("int8-dynamic", 0.02), ("int8-static", 0.02), ("fp8", 0.15)])
+@pytest.mark.parametrize("mode,tol", [("int8-dynamic", 0.02), ("int8-static", 0.02), ("fp8", 0.15),
+                                      ("int8-weight", 0.02), ("int4-weight", 0.15)])
 def test_quantize_prepares_constant_cast_transposed_and_gemm_weights(tmp_path, mode, tol):
     src = _handmade_graph(tmp_path / "hand.onnx")
     q, _, sel = zq.select_quantizable_nodes(src)
@@ -160,7 +170,8 @@ def test_quantize_prepares_constant_cast_transposed_and_gemm_weights(tmp_path, m
     rng = np.random.default_rng(1)
     reader = zq.ArrayCalibrationReader([{"x": rng.standard_normal((8, 64)).astype(np.float32)} for _ in range(4)])
     dst = tmp_path / "q.onnx"
-    report = zq.quantize_bundle_graph(src, dst, mode, None if mode == "int8-dynamic" else reader, show_progress=False)
+    report = zq.quantize_bundle_graph(src, dst, mode, reader if mode in zq.CALIBRATED_MODES else None,
+                                      show_progress=False)
     assert report["quantized"] == 4 and report["excluded"] == []
     assert report["prepared"]["folded_weights"] == 3 and report["prepared"]["gemm_scales_folded"] == 1
     x = rng.standard_normal((5, 64)).astype(np.float32)
@@ -168,7 +179,8 @@ def test_quantize_prepares_constant_cast_transposed_and_gemm_weights(tmp_path, m
     out = _run(dst, x)
     assert np.abs(out - ref).max() / np.abs(ref).max() < tol
     ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
-    assert ("MatMulInteger" in ops) if mode == "int8-dynamic" else ("DequantizeLinear" in ops)
+    expected = {"int8-dynamic": "MatMulInteger", "int8-weight": "MatMulNBits", "int4-weight": "MatMulNBits"}
+    assert expected.get(mode, "DequantizeLinear") in ops
 
 
 @needs_onnx

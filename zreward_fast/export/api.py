@@ -218,11 +218,11 @@ def _graph_opset(path: Path) -> int:
 
 def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold: int, progress: bool) -> dict:
     """Quantize both graphs; static modes calibrate on images run through the fp32 bundle."""
-    from .quantize import ArrayCalibrationReader, quantize_bundle_graph
+    from .quantize import CALIBRATED_MODES, ArrayCalibrationReader, quantize_bundle_graph
 
     readers: dict[str, Any] = {"vision": None, "decoder": None}
     calibration = None
-    if mode in ("int8-static", "fp8"):
+    if mode in CALIBRATED_MODES:
         from ..runtime.preprocess import RuntimePreprocessor
         from ..runtime.scorer import Scorer
 

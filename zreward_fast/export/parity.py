@@ -34,6 +34,8 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "none": {"mean_abs_dmu": 1e-3, "max_abs_dmu": 1e-3},
     "int8-dynamic": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
     "int8-static": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
+    "int8-weight": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
+    "int4-weight": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
     "fp8": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
 }
 

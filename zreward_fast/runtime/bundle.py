@@ -28,7 +28,8 @@ DECODER_OUTPUTS = ("log_probs", "means")
 # (the portable path, for TensorRT)
 GDN_FORMS = ("contrib", "decomposed")
 # Quantization modes a bundle can carry, and the short names the command line also accepts
-QUANT_MODES = ("none", "int8-dynamic", "int8-static", "fp8")
+# (``int8-weight``/``int4-weight``: weight-only, block-wise ``com.microsoft::MatMulNBits``, CPU)
+QUANT_MODES = ("none", "int8-dynamic", "int8-static", "fp8", "int8-weight", "int4-weight")
 QUANT_ALIASES = {"int8": "int8-dynamic"}
 # A graph whose weights pass this many bytes keeps them in ``<graph>.data``. Far under protobuf's
 # 2 GiB message limit on purpose: an inline graph is serialised whole in memory (the weights twice

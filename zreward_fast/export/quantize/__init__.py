@@ -1,6 +1,8 @@
-"""Quantization of the bundle graphs: int8 dynamic (CPU), int8 static QDQ and fp8 e4m3 QDQ.
+"""Quantization of the bundle graphs: int8 dynamic (CPU), int8/int4 weight-only (CPU), int8 static
+QDQ and fp8 e4m3 QDQ.
 
-The quantizers themselves are onnxruntime's (``quantize_dynamic`` / ``quantize_static``) and, for
+The quantizers themselves are onnxruntime's (``quantize_dynamic`` / ``quantize_static`` /
+``MatMulNBitsQuantizer``) and, for
 fp8 where it is installed, NVIDIA ModelOpt's ONNX quantizer. What this package adds is the part they
 cannot know: *which* nodes of a Qwen3.5 reward graph may lose precision (:mod:`.policy`, with a
 reason for every node kept in float), and the surgery that makes an exported graph digestible for
@@ -44,8 +46,17 @@ from .policy import EXCLUDE_PATTERNS, GRAPH_RULES, MAX_HEAD_ROWS, MIN_QUANT_ELEM
 
 log = logging.getLogger(__name__)
 
-QuantMode = Literal["int8-dynamic", "int8-static", "fp8"]
+QuantMode = Literal["int8-dynamic", "int8-static", "fp8", "int8-weight", "int4-weight"]
+#: weight-only modes: weights in blocks of this many input features share one scale (what
+#: onnxruntime-genai uses for CPU LLMs); a per-block scale keeps an outlier weight local
+WEIGHT_BLOCK_SIZE = 32
+#: MatMulNBits ``accuracy_level``: 4 computes in int8 with the activations quantized per block of
+#: WEIGHT_BLOCK_SIZE at run time (fast on CPU; a block-local scale, unlike int8-dynamic's one
+#: scale per tensor, so an outlier channel only coarsens its own block)
+WEIGHT_ACCURACY_LEVEL = 4
 MODES: tuple[str, ...] = tuple(m for m in QUANT_MODES if m != "none")
+#: modes whose activation ranges come from calibration images
+CALIBRATED_MODES: tuple[str, ...] = ("int8-static", "fp8")
 
 
 def modelopt_available() -> bool:
@@ -93,6 +104,18 @@ def _int8_static(job: _Job) -> None:
                        # outputs stay float: the next op (norm, residual add, gate) is float
                        "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
     )
+
+
+def _weight_only(job: _Job, bits: int) -> None:
+    """Block-wise symmetric weight-only quantization into ``com.microsoft::MatMulNBits`` (RTN)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(job.src)), bits=bits, block_size=WEIGHT_BLOCK_SIZE,
+                                     is_symmetric=True, accuracy_level=WEIGHT_ACCURACY_LEVEL,
+                                     nodes_to_include=job.nodes_q, nodes_to_exclude=job.nodes_x,
+                                     op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    save_graph(quantizer.model.model, job.dst, job.external_data)
 
 
 def _fp8_onnxruntime(job: _Job) -> None:
@@ -145,6 +168,8 @@ PIPELINES: dict[tuple[str, str], Callable[[_Job], None]] = {
     ("int8-static", "onnxruntime"): _int8_static,
     ("fp8", "onnxruntime"): _fp8_onnxruntime,
     ("fp8", "modelopt"): _fp8_modelopt,
+    ("int8-weight", "onnxruntime"): lambda job: _weight_only(job, 8),
+    ("int4-weight", "onnxruntime"): lambda job: _weight_only(job, 4),
 }
 
 
@@ -166,6 +191,10 @@ def quantize_bundle_graph(
 
     * ``"int8-dynamic"``: ``quantize_dynamic``, per-channel int8 weights, activations quantized at
       run time (``DynamicQuantizeLinear`` + ``MatMulInteger``): the CPU mode, no calibration.
+    * ``"int8-weight"`` / ``"int4-weight"``: weight-only, ``MatMulNBitsQuantizer`` (round to
+      nearest, symmetric, one scale per WEIGHT_BLOCK_SIZE input features), computed with int8
+      activations quantized per block at run time (WEIGHT_ACCURACY_LEVEL): the CPU modes that
+      hold parity at real widths, where one scale per activation tensor does not.
     * ``"int8-static"``: ``quantize_static`` in QDQ format, symmetric int8 weights (per channel) and
       activations (MinMax ranges from ``calibration_reader``): for GPU back ends and TensorRT.
     * ``"fp8"``: float8 e4m3fn QDQ. ModelOpt's quantizer when installed (``fp8_tool="auto"``),
@@ -187,7 +216,7 @@ def quantize_bundle_graph(
         raise FileNotFoundError(f"ONNX graph not found: {src}")
     if src.resolve() == dst.resolve():
         raise ValueError("dst must differ from src")
-    if mode != "int8-dynamic" and calibration_reader is None:
+    if mode in CALIBRATED_MODES and calibration_reader is None:
         raise ValueError(f"mode {mode!r} is calibrated: pass a calibration_reader (e.g. ArrayCalibrationReader)")
     tool = "onnxruntime"
     if mode == "fp8" and fp8_tool != "onnxruntime":
@@ -205,7 +234,7 @@ def quantize_bundle_graph(
     if not external_data and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         log.warning("%s: weights near the 2 GB protobuf limit; writing %s with external data", src.name, dst.name)
         external_data = True
-    prep = prepare_for_quantization(model, split_gemm=(mode == "int8-dynamic"))
+    prep = prepare_for_quantization(model, split_gemm=mode not in CALIBRATED_MODES)
     if mode == "fp8" and tool == "onnxruntime":
         raise_opset(model, 19)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -262,8 +291,11 @@ __all__ = [
     "GRAPH_RULES",
     "MAX_HEAD_ROWS",
     "MIN_QUANT_ELEMENTS",
+    "CALIBRATED_MODES",
     "MODES",
     "PIPELINES",
+    "WEIGHT_ACCURACY_LEVEL",
+    "WEIGHT_BLOCK_SIZE",
     "ArrayCalibrationReader",
     "graph_size_bytes",
     "modelopt_available",

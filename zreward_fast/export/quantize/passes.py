@@ -115,8 +115,9 @@ def fold_gemm_scales(p: _Pass) -> int:
 
 
 def split_gemms(p: _Pass) -> int:
-    """Dynamic mode only (``quantize_dynamic`` has no Gemm support): a Gemm with a constant weight
-    becomes MatMul (+ Add of the bias), keeping the Gemm's node name."""
+    """Modes without calibration (``quantize_dynamic`` and the weight-only MatMulNBits quantizer take
+    MatMul only): a Gemm with a constant weight becomes MatMul (+ Add of the bias), keeping the
+    Gemm's node name."""
     if not p.split_gemm:
         return 0
     inits, count = p.index.inits, 0
