@@ -22,11 +22,13 @@ EXTRAS = {
     "serve": ["onnxruntime>=1.22", "tokenizers>=0.21", "fastapi>=0.110", "uvicorn>=0.29",
               "prometheus-client>=0.20", "httpx>=0.27"],
     "ray": ["ray[serve]>=2.30", "pandas>=2.0"],  # Ray Data needs pandas
+    "openvino": ["openvino>=2025.0"],  # Scorer(backend="openvino")
     "data": ["pyarrow>=14"],  # Parquet manifests, tables and score outputs
     "bench": ["matplotlib>=3.8", "liger-kernel>=0.5"],
     "dev": ["pytest>=8.0", "triton>=3.2", "matplotlib>=3.8", "accelerate>=1.0", "scipy>=1.11", "pyyaml>=6.0",
             "onnx>=1.17", "onnxruntime>=1.22", "onnxscript>=0.2", "fastapi>=0.110", "uvicorn>=0.29",
-            "prometheus-client>=0.20", "httpx>=0.27", "ray[serve]>=2.30", "pyarrow>=14", "pandas>=2.0"],
+            "prometheus-client>=0.20", "httpx>=0.27", "ray[serve]>=2.30", "pyarrow>=14", "pandas>=2.0",
+            "openvino>=2025.0"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .dimensions import DIMENSIONS
-from .runtime.bundle import GDN_FORMS, QUANT_ALIASES, QUANT_MODES
+from .runtime.bundle import BACKENDS, GDN_FORMS, QUANT_ALIASES, QUANT_MODES
+from .runtime.openvino_backend import PRECISIONS
 
 
 def _print_scores(scores: dict, levels: Sequence[float]) -> None:
@@ -266,8 +267,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         run_server(str(resolve(args.bundle, args.revision)), host=args.host, port=args.port, providers=args.providers,
-                   parallel_runs=args.parallel_runs, **config)
-    except (BundleError, FileNotFoundError, ValueError) as e:
+                   parallel_runs=args.parallel_runs, backend=args.backend, precision=args.precision, **config)
+    except (BundleError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -359,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers (default: CPU)")
+    sv.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                    help="what runs the bundle's graphs: onnxruntime (default) or OpenVINO's CPU plugin")
+    sv.add_argument("--precision", default="f32", choices=sorted(PRECISIONS),
+                    help="OpenVINO's inference precision (default f32, the parity report's; bf16 where the CPU has it)")
     sv.add_argument("--parallel-runs", type=int, default=1,
                     help="split each batch into this many parts run concurrently (CPU throughput; default 1)")
     _add_server_flags(sv)

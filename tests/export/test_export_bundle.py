@@ -13,6 +13,7 @@ from zreward_fast.cli import main
 from zreward_fast.export.api import ExportParityError, export_bundle, held_out_pairs
 from zreward_fast.export.parity import PARITY_TIE_TOL
 from zreward_fast.runtime import BundleError, Scorer
+from zreward_fast.runtime.openvino_backend import openvino_available
 from zreward_fast.testing import tiny_model
 
 
@@ -107,6 +108,58 @@ def test_decomposed_and_contrib_bundles_agree(rm, fp32_bundle, tmp_path):
     a = _means(Scorer(fp32_bundle.path).score(images, prompts))
     b = _means(Scorer(dec.path).score(images, prompts))
     assert np.abs(a - b).max() <= 1e-4
+
+
+def test_weight_only_bundles_pass_parity_and_run_matmulnbits(student, tmp_path):
+    """int8/int4 weight-only bundles of a trained student: MatMulNBits in the graphs, parity kept."""
+    import onnx
+
+    for mode, limit, agreement in (("int8-weight", 0.02, 0.98), ("int4-weight", 0.05, 0.9)):
+        res = export_bundle(student, tmp_path / mode, quantize=mode, num_pairs=100, progress=False, force=True)
+        overall = res.parity["overall"]
+        assert res.manifest["quantization"]["mode"] == mode and overall["mean_abs_dmu"] <= limit, (mode, overall)
+        assert sum(b["pairs_compared"] for b in res.parity["dimensions"].values()) >= 75, res.parity["dimensions"]
+        assert overall["pair_agreement_pooled"] >= agreement, (mode, overall)
+        assert mode != "int8-weight" or not res.failures  # int8 weight-only passes the gate itself
+        ops = {n.op_type for n in onnx.load(str(res.path / "decoder.onnx"), load_external_data=False).graph.node}
+        assert "MatMulNBits" in ops and "MatMulInteger" not in ops
+
+
+@pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
+def test_openvino_backend_scores_like_onnxruntime(rm, fp32_bundle, tmp_path):
+    """Scorer(backend="openvino"): the same bundle, preprocessing and checks, OpenVINO's CPU plugin
+    running the graphs; fp32 scores equal onnxruntime's, also from threads and in parallel runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images, prompts, _ = held_out_pairs(6)
+    ref = Scorer(fp32_bundle.path).score(images, prompts)
+    ov = Scorer(fp32_bundle.path, backend="openvino")
+    assert ov.active_providers == ["OpenVINO:CPU:f32"] and "backend='openvino'" in repr(ov)
+    got = ov.score(images, prompts, batch_size=5)  # two batches of different sizes: dynamic shapes
+    assert np.abs(_means(got) - _means(ref)).max() <= 1e-4
+    assert np.abs(np.array([[r[d].probs for d in r] for r in got]) -
+                  np.array([[r[d].probs for d in r] for r in ref])).max() <= 1e-4
+    with ThreadPoolExecutor(3) as pool:  # an infer request per thread
+        for res in pool.map(lambda i: ov.score(images[i::3], prompts[i::3]), range(3)):
+            assert len(res) == 4
+    par = Scorer(fp32_bundle.path, backend="openvino", parallel_runs=2).score(images, prompts)
+    assert np.abs(_means(par) - _means(ref)).max() <= 1e-4
+    # a weight-only int8 bundle (com.microsoft::MatMulNBits) runs too
+    q = export_bundle(rm, tmp_path / "w8", quantize="int8-weight", num_pairs=10, progress=False, force=True)
+    a, b = Scorer(q.path).score(images, prompts), Scorer(q.path, backend="openvino").score(images, prompts)
+    assert np.abs(_means(a) - _means(b)).max() <= 0.01
+
+
+def test_backend_arguments_are_checked(fp32_bundle):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Scorer(fp32_bundle.path, backend="tensorrt")
+    with pytest.raises(ValueError, match="openvino back end takes none"):
+        Scorer(fp32_bundle.path, backend="openvino", providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="precision is OpenVINO's"):
+        Scorer(fp32_bundle.path, precision="bf16")
+    if openvino_available():
+        with pytest.raises(ValueError, match="precision must be one of"):
+            Scorer(fp32_bundle.path, backend="openvino", precision="int8")
 
 
 def test_external_data_path(rm, tmp_path):

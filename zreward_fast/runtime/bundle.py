@@ -27,6 +27,8 @@ DECODER_OUTPUTS = ("log_probs", "means")
 # Gated DeltaNet forms of decoder.onnx: onnxruntime's com.microsoft kernels, or standard ops only
 # (the portable path, for TensorRT)
 GDN_FORMS = ("contrib", "decomposed")
+# What can run a bundle's graphs (``Scorer(backend=...)``): the same files for both
+BACKENDS = ("onnxruntime", "openvino")
 # Quantization modes a bundle can carry, and the short names the command line also accepts
 # (``int8-weight``/``int4-weight``: weight-only, block-wise ``com.microsoft::MatMulNBits``, CPU)
 QUANT_MODES = ("none", "int8-dynamic", "int8-static", "fp8", "int8-weight", "int4-weight")

@@ -1,4 +1,4 @@
-"""Scorer: a verified export bundle served with onnxruntime, with no torch in the process.
+"""Scorer: a verified export bundle served with onnxruntime (or OpenVINO), with no torch in the process.
 
 One call runs the vision graph on the bucket patches, then the decoder graph (prefill, score head
 at the query positions), and reads each dimension's distribution from its log-probs. The object is
@@ -21,7 +21,7 @@ import numpy as np
 from ..checks import pair_inputs, positive_int
 from ..dimensions import resolve_dimensions
 from ..scale import ScoreResult, ScoreScale
-from .bundle import DECODER_INPUTS, DECODER_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, BundleError, verify_bundle
+from .bundle import BACKENDS, DECODER_INPUTS, DECODER_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, BundleError, verify_bundle
 from .preprocess import RuntimePreprocessor
 
 # An exporter may prune an input the traced graph never reads (e.g. attention_mask with right
@@ -77,6 +77,12 @@ class Scorer:
             with the scorer) and load from that copy, so a bundle changed after its check cannot
             run; costs the bundle's size on ``TMPDIR``. ``False`` verifies and loads in place.
         revision: a branch, tag or commit of a hub repo id.
+        backend: ``"onnxruntime"`` (the default) or ``"openvino"``: the same graphs compiled by
+            OpenVINO's CPU plugin (``zreward_fast.runtime.openvino_backend``; ``pip install
+            openvino``), with the same preprocessing and checks. ``providers`` and ``spin_wait``
+            are onnxruntime's; ``intra_op_num_threads`` caps OpenVINO's threads too.
+        precision: OpenVINO only: ``"f32"`` (default, the precision of the bundle's parity
+            report) or ``"bf16"``/``"f16"`` (faster where the CPU has them; check the scores).
     """
 
     def __init__(
@@ -88,12 +94,28 @@ class Scorer:
         parallel_runs: int = 1,
         copy: bool = True,
         revision: str | None = None,
+        backend: str = "onnxruntime",
+        precision: str = "f32",
     ) -> None:
         import onnxruntime as ort
 
         from ..hub import cache_repo_dir, resolve
 
         # Cheap argument checks first: verifying hashes a bundle of possibly many GB.
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "openvino" and providers is not None:
+            raise ValueError("providers are onnxruntime execution providers; the openvino back end takes none")
+        self.backend, self.precision = backend, precision
+        if backend == "openvino":
+            from .openvino_backend import PRECISIONS, openvino_available
+
+            if precision not in PRECISIONS:
+                raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+            if not openvino_available():
+                raise ImportError("backend='openvino' needs the openvino package: pip install openvino")
+        elif precision != "f32":
+            raise ValueError("precision is OpenVINO's inference precision; onnxruntime runs the graphs as exported")
         self.providers = _check_providers(providers)
         opts = ort.SessionOptions()
         if intra_op_num_threads is not None:
@@ -104,6 +126,7 @@ class Scorer:
         if parallel_runs > 1 and intra_op_num_threads is None:
             opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // parallel_runs)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
+        self._threads = opts.intra_op_num_threads or None
         self.bundle_dir = resolve(bundle_dir, revision)  # a directory, or a hub repo id (zreward_fast.hub)
         # verified while copied into a private directory, loaded from there: what runs is what was
         # checked, even if the bundle changes afterwards (copy=False: in place, no extra disk)
@@ -135,9 +158,14 @@ class Scorer:
 
         path = self._load_dir / name
         try:
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise BundleError(f"{path}: onnxruntime cannot load the graph: {e}") from e
+            if self.backend == "openvino":
+                from .openvino_backend import OpenVINOSession
+
+                sess = OpenVINOSession(path, precision=self.precision, num_threads=self._threads)
+            else:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        except Exception as e:  # onnxruntime and OpenVINO raise their own exception types
+            raise BundleError(f"{path}: {self.backend} cannot load the graph: {e}") from e
         got_in = {i.name for i in sess.get_inputs()}
         got_out = {o.name for o in sess.get_outputs()}
         required = set(inputs) - set(_OPTIONAL_INPUTS)
@@ -159,7 +187,8 @@ class Scorer:
 
     @property
     def active_providers(self) -> list[str]:
-        """Providers the sessions actually run on (onnxruntime may fall back)."""
+        """Providers the sessions actually run on (onnxruntime may fall back; OpenVINO's device and
+        precision for that back end)."""
         return list(self._decoder.get_providers())
 
     # ------------------------------------------------------------------ scoring
@@ -256,7 +285,8 @@ class Scorer:
         self.score([gray], ["warmup"])
 
     def __repr__(self) -> str:
-        return f"Scorer({str(self.bundle_dir)!r}, providers={self.active_providers}, dimensions={list(self.dimensions)})"
+        return (f"Scorer({str(self.bundle_dir)!r}, backend={self.backend!r}, providers={self.active_providers}, "
+                f"dimensions={list(self.dimensions)})")
 
 
 def _static_dim(session: Any, name: str, axis: int) -> int | None:
