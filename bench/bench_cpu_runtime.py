@@ -1,13 +1,18 @@
-"""CPU runtime benchmark: a small student scored by transformers eager fp32, by the fp32 ONNX
-bundle and by the int8 bundle (onnxruntime, CPU), measured side by side in one run.
+"""CPU runtime benchmark: a student scored by transformers eager fp32, by its ONNX bundles
+(onnxruntime: fp32, int8 dynamic, int8 weight-only) and by OpenVINO on the same bundles, measured
+side by side in one run.
 
     python bench/bench_cpu_runtime.py [--repeats 20] [--out-dir bench/results/<cpu>]
+    python bench/bench_cpu_runtime.py --size 0.8B [--layers 24] --repeats 5   # a real Qwen3.5 width
 
-The student is random (``zreward_fast.testing.small_model``: hidden 512, 8 layers, 224x224
-bucket); timing does not depend on the weights. Reports batch-1 latency and batch-8 throughput,
-as ratios to transformers eager, and each bundle's parity against the PyTorch model. The
-``-Nruns`` rows score the decomposed bundles with ``Scorer(parallel_runs=N)`` (N = cores): each
-batch split into N parts run concurrently, one thread each.
+The student is random: by default ``zreward_fast.testing.small_model`` (hidden 512, 8 layers,
+224x224), with ``--size`` a published Qwen3.5 size at its real widths and 448x448
+(``real_model``; ``--layers`` defaults to the size's full depth). Timing does not depend on the
+weights. Reports batch-1 latency (median, p90) and batch-8 throughput as ratios to transformers
+eager, each implementation's load time and the resident memory its loading added, and each
+bundle's parity against the PyTorch model. The ``-Nruns`` rows score the decomposed bundles with
+``Scorer(parallel_runs=N)`` (N = cores): each batch split into N parts run concurrently, one
+thread each. ``--stem`` names the output files (default ``cpu_runtime``, or ``cpu_runtime_<size>``).
 """
 from __future__ import annotations
 
@@ -46,11 +51,34 @@ def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
     return out
 
 
+def _num(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def rss_gb() -> float:
+    """This process's resident memory now (GB), from /proc (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=100, help="held-out pairs for each bundle's parity report")
+    ap.add_argument("--size", default=None, help="a Qwen3.5 size (0.8B, 2B, ...): its real widths at 448x448")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers with --size (default: full depth)")
+    ap.add_argument("--vision-depth", type=int, default=None, help="vision blocks with --size (default: full)")
+    ap.add_argument("--gdn", nargs="+", default=["contrib", "decomposed"], choices=["contrib", "decomposed"],
+                    help="Gated DeltaNet forms of the onnxruntime rows (OpenVINO runs the decomposed one)")
+    ap.add_argument("--modes", nargs="+", default=["none", "int8-dynamic", "int8-weight"],
+                    help="bundle quantization modes")
+    ap.add_argument("--openvino-modes", nargs="*", default=["none", "int8-weight"],
+                    help="modes whose decomposed bundle OpenVINO also runs (none: no OpenVINO rows; it gains "
+                         "nothing on int8-dynamic's MatMulInteger graphs, issue 13)")
+    ap.add_argument("--no-parallel-runs", action="store_true",
+                    help="leave out the -Nruns rows (a second session per bundle: memory at real sizes)")
+    ap.add_argument("--stem", default=None)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
 
@@ -58,67 +86,105 @@ def main() -> int:
 
     from zreward_fast import ZRewardModel
     from zreward_fast.export.api import export_bundle
+    from zreward_fast.qwen3_5_sizes import size_spec
     from zreward_fast.runtime import Scorer
-    from zreward_fast.testing import small_model
+    from zreward_fast.runtime.openvino_backend import openvino_available
+    from zreward_fast.testing import real_model, small_model
     from zreward_fast.training.synthetic import make_sample
 
     out_dir = Path(args.out_dir or Path(__file__).parent / "results" / device_name("cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    rm = ZRewardModel(*small_model(seed=0)).eval()
-    samples = [make_sample(100 + i, 224) for i in range(args.batch)]
+    if args.size:
+        spec = size_spec(args.size)
+        layers = args.layers or spec["text"]["num_hidden_layers"]
+        depth = args.vision_depth or spec["vision"]["depth"]
+        model, processor = real_model(args.size, layers=layers, vision_depth=depth)
+        what = f"Qwen3.5-{args.size} width, {layers} layers, vision depth {depth}, 448x448"
+        size = 448
+    else:
+        model, processor = small_model(seed=0)
+        what, size = "small student (hidden 512, 8 layers, 224x224)", 224
+    rm = ZRewardModel(model, processor).eval()
+    params = sum(p.numel() for p in rm.model.parameters())
+    samples = [make_sample(100 + i, size) for i in range(args.batch)]
     images, prompts = [s.image for s in samples], [s.prompt for s in samples]
+    ov_modes = set(args.openvino_modes) if openvino_available() else set()
+    print(f"{what}: {params / 1e6:.0f}M parameters; OpenVINO rows: {sorted(ov_modes)}", flush=True)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # Every implementation has score(images, prompts): the model itself and each bundle's Scorer.
-        impls = {"transformers-eager-fp32": (rm, None)}
+        impls: dict[str, tuple] = {"transformers-eager-fp32": (rm, None, 0.0, 0.0)}
+
+        def load(name: str, make, parity) -> None:
+            before, t = rss_gb(), time.perf_counter()
+            scorer = make()
+            scorer.score(images[:1], prompts[:1])  # lazy allocation and kernel selection count as loading
+            impls[name] = (scorer, parity, time.perf_counter() - t, rss_gb() - before)
+            print(f"loaded {name}", flush=True)
+
         # Gated DeltaNet as onnxruntime's contrib ops and decomposed into standard ops (the default;
         # chunked, matrix products): on CPU the decomposed form is the faster one.
-        for mode, gdn in (("none", "contrib"), ("int8", "contrib"), ("none", "decomposed"), ("int8", "decomposed")):
-            res = export_bundle(rm, Path(tmp) / f"{mode}-{gdn}", quantize=mode, gdn=gdn, num_pairs=args.pairs,
-                                force=True, progress=False)
-            name = ("onnx-fp32" if mode == "none" else "onnx-int8-dynamic") + f"-{gdn}"
-            impls[name] = (Scorer(res.path), res.parity["overall"])
-            if gdn == "decomposed":
-                # The same bundle, each batch split into one part per core run concurrently
-                # (Scorer(parallel_runs=...)): throughput over batch-1 latency.
-                runs = max(2, os.cpu_count() or 1)
-                impls[f"{name}-{runs}runs"] = (Scorer(res.path, parallel_runs=runs), res.parity["overall"])
+        # every bundle is exported before any is loaded: an export's transient peak never meets the
+        # loaded sessions (real sizes)
+        bundles = {(gdn, mode): export_bundle(rm, Path(tmp) / f"{mode}-{gdn}", quantize=mode, gdn=gdn,
+                                              num_pairs=args.pairs, force=True, progress=False)
+                   for gdn in args.gdn for mode in args.modes}
+        for gdn in args.gdn:
+            for mode in args.modes:
+                res = bundles[gdn, mode]
+                label = "fp32" if mode == "none" else mode
+                parity = res.parity["overall"]
+                load(f"onnx-{label}-{gdn}", lambda: Scorer(res.path, copy=False), parity)
+                if gdn == "decomposed" and not args.no_parallel_runs:
+                    # The same bundle, each batch split into one part per core run concurrently
+                    # (Scorer(parallel_runs=...)): throughput over batch-1 latency.
+                    runs = max(2, os.cpu_count() or 1)
+                    load(f"onnx-{label}-{gdn}-{runs}runs", lambda: Scorer(res.path, copy=False, parallel_runs=runs), parity)
+                if gdn == "decomposed" and mode in ov_modes:  # f32: the parity report's precision
+                    load(f"openvino-{label}", lambda: Scorer(res.path, copy=False, backend="openvino"), parity)
         with torch.inference_mode():
             def calls(b: int) -> dict:
-                return {k: (lambda s=s: s.score(images[:b], prompts[:b])) for k, (s, _) in impls.items()}
+                return {k: (lambda s=v[0]: s.score(images[:b], prompts[:b])) for k, v in impls.items()}
 
             lat = interleaved(calls(1), args.repeats)
             thr = interleaved(calls(args.batch), max(3, args.repeats // 2))
-        for name, (_, parity) in impls.items():
+        for name, (scorer, parity, load_s, load_gb) in impls.items():
             rows.append({
                 "impl": name, "device": device_name("cpu"), "threads": torch.get_num_threads(),
                 "b1_ms_median": 1e3 * statistics.median(lat[name]), "b1_ms_p90": 1e3 * quantile(lat[name], 0.9),
                 f"b{args.batch}_images_per_s": args.batch / statistics.median(thr[name]),
+                "load_s": load_s, "load_rss_gb": load_gb,
                 "mean_abs_dmu": parity["mean_abs_dmu"] if parity else 0.0,
-                "pair_agreement": parity["pair_agreement"] if parity else 1.0,
+                # the worst dimension's pairwise agreement, and pooled over all (the parity gate's)
+                # (None -> nan: a random model may leave no untied pair to compare)
+                "pair_agreement": _num(parity["pair_agreement"]) if parity else 1.0,
+                "pair_agreement_pooled": _num(parity["pair_agreement_pooled"]) if parity else 1.0,
             })
     base = rows[0]
     tkey = f"b{args.batch}_images_per_s"
     for r in rows:
         r["b1_speedup"] = base["b1_ms_median"] / r["b1_ms_median"]
         r["throughput_ratio"] = r[tkey] / base[tkey]
-    path = out_dir / "cpu_runtime.csv"
+    stem = args.stem or ("cpu_runtime" if not args.size else f"cpu_runtime_{args.size}")
+    path = out_dir / f"{stem}.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
-    _plot(rows, tkey, out_dir / "cpu_runtime.png")
-    print(f"small student (hidden 512, 8 layers, 224x224), CPU {rows[0]['device']}, torch threads {rows[0]['threads']}")
-    print(f"{'impl':38s} {'b1 ms':>8s} {'b1 x':>6s} {tkey:>18s} {'thr x':>6s} {'mean|dmu|':>10s} {'pairs ok':>9s}")
+    _plot(rows, tkey, out_dir / f"{stem}.png", what)
+    print(f"{what}, CPU {rows[0]['device']}, torch threads {rows[0]['threads']}")
+    print(f"{'impl':38s} {'b1 ms':>8s} {'b1 x':>6s} {tkey:>18s} {'thr x':>6s} {'load s':>7s} {'+GB':>5s} "
+          f"{'mean|dmu|':>10s} {'pairs ok':>9s}")
     for r in rows:
-        print(f"{r['impl']:38s} {r['b1_ms_median']:8.1f} {r['b1_speedup']:6.2f} {r[tkey]:18.1f} "
-              f"{r['throughput_ratio']:6.2f} {r['mean_abs_dmu']:10.4f} {r['pair_agreement']:9.3f}")
+        print(f"{r['impl']:38s} {r['b1_ms_median']:8.1f} {r['b1_speedup']:6.2f} {r[tkey]:18.2f} "
+              f"{r['throughput_ratio']:6.2f} {r['load_s']:7.1f} {r['load_rss_gb']:5.2f} {r['mean_abs_dmu']:10.4f} "
+              f"{r['pair_agreement_pooled']:9.3f}")
     print(f"wrote {path}")
     return 0
 
 
-def _plot(rows, tkey, path):
+def _plot(rows, tkey, path, what):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,8 +197,8 @@ def _plot(rows, tkey, path):
     ax[1].bar(names, [r[tkey] for r in rows], color="#55a868")
     ax[1].set_ylabel(tkey.replace("_", " "))
     for a in ax:
-        a.tick_params(axis="x", rotation=15)
-    fig.suptitle("small student on CPU: transformers eager vs ONNX bundles")
+        a.tick_params(axis="x", rotation=60, labelsize=7)
+    fig.suptitle(f"{what} on CPU: transformers eager vs ONNX bundles")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -114,7 +114,14 @@ def _weight_only(job: _Job, bits: int) -> None:
                                      is_symmetric=True, accuracy_level=WEIGHT_ACCURACY_LEVEL,
                                      nodes_to_include=job.nodes_q, nodes_to_exclude=job.nodes_x,
                                      op_types_to_quantize=("MatMul",))
-    quantizer.process()
+    # it logs a line at INFO for every node it skips (thousands in a decoder graph)
+    qlog = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = qlog.level
+    qlog.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        qlog.setLevel(level)
     save_graph(quantizer.model.model, job.dst, job.external_data)
 
 
