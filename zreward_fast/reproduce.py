@@ -270,6 +270,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
     from .training.data import read_manifest
     from .training.labelling import label_risd_targets
     from .export.parity import check_thresholds
+    from .runtime.bundle import resolve_quant_mode
     from .training.scalar import VALUE_HEAD_FILE, ScalarConfig, ScalarRewardModel, ScalarTrainer
     from .training.teacher import default_engine
 
@@ -331,7 +332,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
                 shutil.rmtree(out / "bundle")
             parity = export_bundle(out / "student", out / "bundle", quantize="int8", num_pairs=cfg.export_pairs,
                                    force=True, progress=False).parity
-        failures = check_thresholds(parity, "int8-dynamic")
+        failures = check_thresholds(parity, resolve_quant_mode("int8"))
         lap("export")
 
         ev = dict(seed=cfg.seed + 10_000, pairs=cfg.eval_pairs, conflicts=cfg.eval_conflicts, size=cfg.image_size)
