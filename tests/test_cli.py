@@ -58,9 +58,14 @@ def test_serve_has_a_flag_for_every_server_setting(monkeypatch, tmp_path):
             "--queue-size", "512", "--timeout-s", "60", "--no-warmup", "--decode-threads", "2"]
     assert main(argv) == 0
     assert seen == {"bundle": str(tmp_path), "host": "127.0.0.1", "port": 8000, "providers": None, "parallel_runs": 1,
+                    "backend": "onnxruntime", "precision": "f32",
                     "max_items": 64, "max_batch_size": 32, "max_wait_ms": 2.5, "max_queue": 512,
                     "request_timeout_s": 60.0, "warmup": False, "decode_threads": 2}
-    ServerConfig(**{k: v for k, v in seen.items() if k not in ("bundle", "host", "port", "providers", "parallel_runs")})
+    runtime_args = ("bundle", "host", "port", "providers", "parallel_runs", "backend", "precision")
+    ServerConfig(**{k: v for k, v in seen.items() if k not in runtime_args})
+    seen.clear()
+    assert main(["serve", "--bundle", str(tmp_path), "--backend", "openvino", "--precision", "bf16"]) == 0
+    assert seen["backend"] == "openvino" and seen["precision"] == "bf16"
     # every field has a flag: each one given alone reaches run_server under its own name
     for f in dataclasses.fields(ServerConfig):
         seen.clear()
