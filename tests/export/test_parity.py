@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from zreward_fast.runtime.bundle import QUANT_MODES
 from zreward_fast.export.parity import DEFAULT_THRESHOLDS, check_thresholds, parity_report
 
 LEVELS = [0.0, 1.0, 2.0]
@@ -117,9 +118,10 @@ def test_check_thresholds_messages():
 
 
 def test_default_thresholds_cover_every_mode():
-    assert set(DEFAULT_THRESHOLDS) == {"none", "int8-dynamic", "int8-static", "fp8"}
+    assert set(DEFAULT_THRESHOLDS) == set(QUANT_MODES) == {"none", "int8-dynamic", "int8-static", "fp8",
+                                                           "int8-weight", "int4-weight"}
     assert DEFAULT_THRESHOLDS["none"]["max_abs_dmu"] == 1e-3
-    for mode in ("int8-dynamic", "int8-static", "fp8"):
+    for mode in ("int8-dynamic", "int8-static", "fp8", "int8-weight", "int4-weight"):
         assert DEFAULT_THRESHOLDS[mode] == {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98}
 
 
