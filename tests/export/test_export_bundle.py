@@ -110,6 +110,7 @@ def test_decomposed_and_contrib_bundles_agree(rm, fp32_bundle, tmp_path):
     assert np.abs(a - b).max() <= 1e-4
 
 
+@pytest.mark.heavy  # two exports of the trained student: ~2.5 min, `make test` stays under its budget
 def test_weight_only_bundles_pass_parity_and_run_matmulnbits(student, tmp_path):
     """int8/int4 weight-only bundles of a trained student: MatMulNBits in the graphs, parity kept."""
     import onnx

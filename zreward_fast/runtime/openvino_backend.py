@@ -20,8 +20,8 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-#: precision names accepted by :class:`OpenVINOSession` -> OpenVINO's ``INFERENCE_PRECISION_HINT``
-PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+#: OpenVINO ``INFERENCE_PRECISION_HINT`` values :class:`OpenVINOSession` accepts
+PRECISIONS = ("f32", "bf16", "f16")
 
 
 def openvino_available() -> bool:
@@ -53,7 +53,7 @@ class OpenVINOSession:
             raise ImportError("the OpenVINO back end needs the openvino package: pip install openvino") from e
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
         if num_threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(num_threads)
         core = ov.Core()
