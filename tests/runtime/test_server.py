@@ -671,6 +671,51 @@ def test_slow_clients_cannot_hold_connections():
         assert client.post("/v1/score", json=GOOD).status_code == 200
 
 
+def test_kept_alive_connection_outlives_the_read_deadline_while_idle():
+    """The read deadline bounds a request being sent, not the wait between requests: CI once saw
+    the server close a kept-alive connection on the deadline just as the client reused it (a
+    connection reset). Idle past the deadline, the connection still answers; the next request's
+    deadline starts at its first byte (half a header gets its 408); an idle connection closes
+    quietly after the keep-alive time."""
+    import socket
+
+    body = json.dumps(GOOD).encode()
+    request = (b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    def answer(s):
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        head, rest = got.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(rest) < length:
+            rest += s.recv(65536)
+        return head
+
+    with serving(FakeScorer(), warmup=False, read_timeout_s=0.5, keep_alive_s=2.0) as (srv, client, _app):
+        _ready(client)
+        host, port = srv.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5.0) as s:
+            s.sendall(request)
+            assert answer(s).startswith(b"HTTP/1.1 200")
+            time.sleep(1.0)  # twice the read deadline, half the keep-alive
+            s.sendall(request)
+            assert answer(s).startswith(b"HTTP/1.1 200")
+            s.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-ty")  # half a header, then nothing
+            t = time.perf_counter()
+            assert answer(s).startswith(b"HTTP/1.1 408")
+            assert 0.4 < time.perf_counter() - t < 1.5
+        with socket.create_connection((host, int(port)), timeout=5.0) as s:
+            s.sendall(request)
+            assert answer(s).startswith(b"HTTP/1.1 200")
+            t = time.perf_counter()
+            assert s.recv(4096) == b""  # closed, without a 408 (no request had started)
+            assert 1.5 < time.perf_counter() - t < 3.5
+
+
 def test_queued_items_of_a_disconnected_client_are_not_scored():
     """Issue 12: a request whose client disconnected was still scored. Its queued items now leave
     the queue when the connection closes."""
