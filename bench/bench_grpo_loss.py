@@ -86,18 +86,11 @@ def native_grpo_token_loss(hidden, weight, token_ids, mask, advantages, old_logp
     """reference.grpo_token_loss with the LM-head GEMM in the input dtype (logits upcast after it)."""
     import torch
 
+    from zreward_fast.reference import grpo_loss_from_logprobs
+
     logits = (hidden @ weight.T).float() / temperature
     lp = torch.log_softmax(logits, dim=-1).gather(-1, token_ids[..., None].long()).squeeze(-1)
-    lp_old = lp.detach() if old_logprobs is None else old_logprobs.float()
-    ratio = torch.exp(lp - lp_old)
-    A = advantages.float()[:, None]
-    per_token = -torch.minimum(ratio * A, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * A)
-    if ref_logprobs is not None and beta != 0.0:
-        delta = ref_logprobs.float() - lp
-        per_token = per_token + beta * (torch.exp(delta) - delta - 1.0)
-    m = mask.float()
-    per_row = (per_token * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-    return per_row.mean(), lp.detach()
+    return grpo_loss_from_logprobs(lp, mask, advantages, old_logprobs, ref_logprobs, clip_eps, beta), lp.detach()
 
 
 def make_inputs(B, T, H, V, dtype, device, temperature, weight_grad, seed=0):

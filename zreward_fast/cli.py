@@ -136,9 +136,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    import dataclasses
 
-    report = reproduce(args.out, quick=args.quick, seed=args.seed, resume=args.resume)
+    from .reproduce import ReproduceConfig, reproduce
+
+    config = (ReproduceConfig.quick if args.quick else ReproduceConfig.full)(args.seed)
+    if args.workers is not None:
+        config = dataclasses.replace(config, workers=args.workers)
+    report = reproduce(args.out, quick=args.quick, seed=args.seed, config=config, resume=args.resume)
     print((Path(args.out) / "table.md").read_text())
     print(f"report: {Path(args.out) / 'report.json'} ({report['total_seconds']:.0f} s)")
     return 0
@@ -412,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seed", type=int, default=0)
     rp.add_argument("--resume", action="store_true",
                     help="load the models an earlier run with the same settings saved in --out instead of training them")
+    rp.add_argument("--workers", type=int, default=None,
+                    help="processes for the export, evaluation and generator jobs, sharing torch's threads (default 2; "
+                         "1 runs them one after another)")
     rp.set_defaults(func=cmd_reproduce)
 
     t = sub.add_parser("tiny", help="write a tiny random model (for tests and the demo; no download)")

@@ -130,6 +130,19 @@ def grpo_token_loss(
     """
     logits = (hidden.float() @ weight.float().T) / temperature  # [B, T, V]
     lp = torch.log_softmax(logits, dim=-1).gather(-1, token_ids[..., None].long()).squeeze(-1)  # [B, T]
+    return grpo_loss_from_logprobs(lp, mask, advantages, old_logprobs, ref_logprobs, clip_eps, beta), lp.detach()
+
+
+def grpo_loss_from_logprobs(
+    lp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    beta: float = 0.04,
+) -> torch.Tensor:
+    """The GRPO loss of :func:`grpo_token_loss` given the sampled tokens' log-probs ``lp [B, T]``."""
     lp_old = lp.detach() if old_logprobs is None else old_logprobs.float()
     ratio = torch.exp(lp - lp_old)
     A = advantages.float()[:, None]
@@ -139,7 +152,7 @@ def grpo_token_loss(
         per_token = per_token + beta * (torch.exp(delta) - delta - 1.0)
     m = mask.float()
     per_row = (per_token * m).sum(-1) / m.sum(-1).clamp_min(1.0)
-    return per_row.mean(), lp.detach()
+    return per_row.mean()
 
 
 def risd_loss(

@@ -65,6 +65,10 @@ def test_every_stage_runs_and_reports_every_row(run):
         h = report["generator"][name]
         assert len(h["reward"]) == len(h["known"]) == len(h["gap"]) >= 2
     assert sum(report["seconds"].values()) < 600
+    # the last stage's jobs ran in two processes: each job's own time, the stage's wall time below their sum
+    jobs = report["job_seconds"]
+    assert set(jobs) == set(rows) | {"generator"}
+    assert report["seconds"]["export, evaluation and generator"] < 0.8 * sum(jobs.values()), (report["seconds"], jobs)
 
 
 # Learning, each a number that could fail (issue 10's "done means"), on 480 held-out pairs.
@@ -138,11 +142,29 @@ def test_resume_loads_every_saved_model(run):
     assert inits["min"] == min(inits["hpa"]) and abs(inits["mean"] - sum(inits["hpa"]) / 2) < 1e-12
     assert "2 random inits" in (out / "table.md").read_text()
     assert report["student_inits"] == {}  # quick mode trains one student
-    for stage in ("teacher cold start", "GDSO", "labelling", "RISD", "scalar reward model", "export"):
+    for stage in ("teacher cold start", "GDSO", "labelling", "RISD", "scalar reward model"):
         assert again["seconds"][stage] < 0.2 * max(report["seconds"][stage], 1.0), (stage, again["seconds"])
+    # the export job reads the parity back from the bundle (and evaluates the bundle on 8 pairs)
+    bundle = "student int8 bundle"
+    assert again["job_seconds"][bundle] < 0.2 * report["job_seconds"][bundle], (again["job_seconds"], report["job_seconds"])
+    assert again["parity"] == report["parity"]
     direct = evaluate(out / "student", seed=again["eval_seed"], pairs=8, conflicts=0)
-    got = again["rows"][STUDENT]["dimensions"]
+    got = again["rows"][STUDENT]["dimensions"]  # evaluated in a job worker process
     assert json.dumps(got, sort_keys=True) == json.dumps(direct["dimensions"], sort_keys=True)  # NaN-safe
+    # the jobs one after another in this process: the same rows
+    serial = reproduce(out, quick=True, config=dataclasses.replace(small, workers=1), resume=True)
+    _assert_close(serial["rows"], again["rows"])  # one torch thread there, two here: float order only
+
+
+def _assert_close(a, b, path="rows"):
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in set(a) - {"seconds"}:  # wall time
+            _assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, float) and not math.isnan(a):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), path
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(b)), path
 
 
 @pytest.mark.skipif(not os.environ.get("ZREWARD_REPRODUCE_FULL"),
