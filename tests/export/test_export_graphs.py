@@ -200,6 +200,27 @@ def test_graph_ops(graphs):
     assert "Scan" not in contrib
 
 
+def test_linear_weights_are_stored_once(rm, graphs):
+    """Issue 13 (export memory): every linear layer's weight is an initializer named after its
+    parameter (``<module>.weight_t``, ``[in, out]``) that MatMul reads as it is, not a transposed
+    copy the exporter's optimizer folded (``val_N``) while the model still held the original; and
+    the model gets its weights back, equal to the bit, after each export."""
+    import onnx
+
+    linears = {n for n, m in rm.model.named_modules() if type(m) is torch.nn.Linear and "lm_head" not in n}
+    for key in ("vision", "decomposed"):
+        model = onnx.load(str(graphs[key][0]), load_external_data=False)
+        dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
+        matmul_weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in dims]
+        assert sum(w.endswith(".weight_t") for w in matmul_weights) >= 8, matmul_weights
+        # the one other: the K score rows of the head, a [H, K] buffer
+        others = [dims[w] for w in matmul_weights if not w.endswith(".weight_t")]
+        assert all(rm.scale.num_levels in shape for shape in others), others
+    fresh = ZRewardModel(*tiny_model(0)).model.state_dict()
+    assert len(linears) > 20 and all(torch.equal(v, fresh[k]) for k, v in rm.model.state_dict().items())
+    assert all(type(m) is not torch.nn.Module and "Transposed" not in type(m).__name__ for m in rm.model.modules())
+
+
 @pytest.mark.parametrize("n", [1, 3])
 @torch.no_grad()
 def test_onnx_matches_torch(rm, images, sessions, n):

@@ -216,6 +216,44 @@ def _release(module: torch.nn.Module) -> None:
     module._buffers.clear()
 
 
+class _TransposedLinear(torch.nn.Module):
+    """``nn.Linear`` whose weight is exported as ``[in, out]``: it traces to ``MatMul(x, W^T)`` on
+    an initializer. ``nn.Linear`` traces to ``MatMul(x, Transpose(W))``, which the exporter's
+    optimizer folded into a second, transposed copy of every weight while the model still held the
+    first (export peak RAM, issue 13). ``weight_t`` is a view of the linear's weight, not a copy:
+    the exporter writes it to the file one tensor at a time."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight_t = torch.nn.Parameter(linear.weight.detach().t(), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+@contextlib.contextmanager
+def transposed_linears(module: torch.nn.Module):
+    """Within the block every ``nn.Linear`` under ``module`` is a :class:`_TransposedLinear` over
+    its weight; on exit the linears are back in place (their weights were never copied or changed)
+    and the views are emptied, so that nothing the exporter keeps holds the weights."""
+    swapped: dict[torch.nn.Linear, _TransposedLinear] = {}
+    places = []
+    try:
+        for parent in list(module.modules()):
+            for name, child in list(parent._modules.items()):
+                if type(child) is torch.nn.Linear:
+                    parent._modules[name] = swapped.setdefault(child, _TransposedLinear(child))
+                    places.append((parent, name, child))
+        yield module
+    finally:
+        for parent, name, child in places:
+            parent._modules[name] = child
+        for t in swapped.values():  # the exporter's caches keep the view (and the storage) alive
+            t.weight_t.data = torch.empty(0, dtype=t.weight_t.dtype)
+
+
 def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_names: list[str],
             output_names: list[str], axes: dict[tuple[str, int], str], threshold: int,
             table: dict | None = None) -> list[Path]:
@@ -263,8 +301,9 @@ def export_vision(
     pixels = single_frame_patches(pixels, module.channels, module.temporal_patch_size)
     axes = {("pixel_values", 0): "batch"}
     try:
-        return _export(module, (pixels,), Path(path), opset, VISION_INPUTS, VISION_OUTPUTS, axes,
-                       external_data_threshold_bytes)
+        with transposed_linears(module):
+            return _export(module, (pixels,), Path(path), opset, VISION_INPUTS, VISION_OUTPUTS, axes,
+                           external_data_threshold_bytes)
     finally:
         _release(module)
 
@@ -285,8 +324,9 @@ def export_decoder(
     args = _decoder_example(rm, module.embed_tokens.embedding_dim)
     table = _contrib_translation_table() if gdn == "contrib" else None
     try:
-        return _export(module, args, Path(path), opset, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_AXES,
-                       external_data_threshold_bytes, table)
+        with transposed_linears(module):
+            return _export(module, args, Path(path), opset, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_AXES,
+                           external_data_threshold_bytes, table)
     finally:
         _release(module)
 
