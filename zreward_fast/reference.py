@@ -133,15 +133,9 @@ def grpo_token_loss(
     return grpo_loss_from_logprobs(lp, mask, advantages, old_logprobs, ref_logprobs, clip_eps, beta), lp.detach()
 
 
-def grpo_loss_from_logprobs(
-    lp: torch.Tensor,
-    mask: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    clip_eps: float = 0.2,
-    beta: float = 0.04,
-) -> torch.Tensor:
+def grpo_loss_from_logprobs(lp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                            old_logprobs: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None,
+                            clip_eps: float = 0.2, beta: float = 0.04) -> torch.Tensor:
     """The GRPO loss of :func:`grpo_token_loss` given the sampled tokens' log-probs ``lp [B, T]``."""
     lp_old = lp.detach() if old_logprobs is None else old_logprobs.float()
     ratio = torch.exp(lp - lp_old)
