@@ -20,7 +20,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -234,7 +234,7 @@ class _TransposedLinear(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def transposed_linears(module: torch.nn.Module):
+def transposed_linears(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Within the block every ``nn.Linear`` under ``module`` is a :class:`_TransposedLinear` over
     its weight; on exit the linears are back in place (their weights were never copied or changed)
     and the views are emptied, so that nothing the exporter keeps holds the weights."""
