@@ -62,14 +62,14 @@ root, commit = sys.argv[1], sys.argv[2]
 img, prompt = Image.fromarray(np.full((32, 32, 3), 90, np.uint8)), "a grey square"
 out = {}
 for name, rev in (("main", None), ("tag", "v1"), ("commit", commit)):
-    rm = ZRewardModel.from_pretrained("acme/zr-student", revision=rev)
+    rm = ZRewardModel.from_pretrained("acme/zr-student", revision=rev, local_files_only=True)
     out[name] = rm.score([img], [prompt])[0]["realism"].mean
 out["local"] = ZRewardModel.from_pretrained(root + "/model").score([img], [prompt])[0]["realism"].mean
-out["bundle"] = Scorer("acme/zr-bundle").score([img], [prompt])[0]["realism"].mean
+out["bundle"] = Scorer("acme/zr-bundle", local_files_only=True).score([img], [prompt])[0]["realism"].mean
 out["bundle_local"] = Scorer(root + "/bundle").score([img], [prompt])[0]["realism"].mean
 for missing, rev in (("acme/nothing-here", None), ("acme/zr-student", "v2")):
     try:
-        ZRewardModel.from_pretrained(missing, revision=rev)
+        ZRewardModel.from_pretrained(missing, revision=rev, local_files_only=True)
         out[missing + str(rev)] = "loaded"
     except FileNotFoundError as e:
         out[missing + str(rev)] = str(e)
@@ -90,7 +90,7 @@ socket.create_connection = _refuse
 """
 
 
-def _offline_env(cache: Path) -> dict:
+def _offline_env(cache: Path, hub_offline: bool = True) -> dict:
     guard = cache.parent / "no-network"
     guard.mkdir(exist_ok=True)
     (guard / "sitecustomize.py").write_text(_NO_NETWORK)
@@ -98,6 +98,8 @@ def _offline_env(cache: Path) -> dict:
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf-home"),
                HF_ENDPOINT="http://127.0.0.1:9",  # and a closed port, were offline mode ever bypassed
                PYTHONPATH=os.pathsep.join(filter(None, [str(guard), env.get("PYTHONPATH")])))
+    if not hub_offline:
+        del env["HF_HUB_OFFLINE"]
     return env
 
 
@@ -109,9 +111,12 @@ def test_children_cannot_reach_the_network(hub):
     assert proc.returncode != 0 and "network access in a test" in proc.stderr, proc.stderr[-1000:]
 
 
-def test_models_and_bundles_load_by_repo_id_and_revision_offline(hub):
+@pytest.mark.parametrize("hub_offline", [True, False], ids=["HF_HUB_OFFLINE", "local_files_only-alone"])
+def test_models_and_bundles_load_by_repo_id_and_revision_offline(hub, hub_offline):
+    """Every load by repo id passes local_files_only=True: with HF_HUB_OFFLINE unset too, nothing
+    reaches the network (the children refuse every connection)."""
     root, cache, commits = hub
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), commits["model"]], env=_offline_env(cache),
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), commits["model"]], env=_offline_env(cache, hub_offline),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -30,9 +30,10 @@ def cache_repo_dir(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None, local_files_only: bool = False) -> Path:
     """The local directory of ``name_or_path``: itself if it exists, else the snapshot of the hub
-    repo of that id (downloaded into the cache unless offline)."""
+    repo of that id (downloaded into the cache unless offline or ``local_files_only``: then only
+    the cache is read, as in transformers)."""
     path = Path(name_or_path)
     if path.exists():
         if revision is not None:
@@ -49,10 +50,10 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
                           "needs huggingface_hub (pip install huggingface_hub)") from e
     at = f"{name_or_path}@{revision}" if revision else str(name_or_path)
     try:
-        return Path(snapshot_download(str(name_or_path), revision=revision))
+        return Path(snapshot_download(str(name_or_path), revision=revision, local_files_only=local_files_only))
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(f"{at} is neither a local directory nor in the hub cache, and the hub could not be "
-                                f"reached (HF_HUB_OFFLINE set, or no network): {e}") from None
+                                f"reached (HF_HUB_OFFLINE or local_files_only set, or no network): {e}") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise FileNotFoundError(f"{at} is neither a local directory nor a hub repo and revision you can read: "
                                 f"{type(e).__name__}") from None

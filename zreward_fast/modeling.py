@@ -156,15 +156,16 @@ class ZRewardModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, local_dir: str | os.PathLike, torch_dtype: torch.dtype | None = None, device: str | None = None,
-        revision: str | None = None, **kwargs: Any
+        revision: str | None = None, local_files_only: bool = False, **kwargs: Any
     ) -> "ZRewardModel":
         """Load from a directory where ``model.save_pretrained`` and ``processor.save_pretrained`` wrote,
-        or from a hub repo id of such a directory (``revision``: a branch, tag or commit; zreward_fast.hub)."""
+        or from a hub repo id of such a directory (``revision``: a branch, tag or commit;
+        ``local_files_only``: from the hub cache, never the network; zreward_fast.hub)."""
         from transformers import AutoModelForImageTextToText
 
         from .hub import resolve
 
-        path = resolve(local_dir, revision)
+        path = resolve(local_dir, revision, local_files_only)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a saved model directory")
         processor = ZRewardProcessor.from_pretrained(path)

@@ -77,6 +77,7 @@ class Scorer:
             with the scorer) and load from that copy, so a bundle changed after its check cannot
             run; costs the bundle's size on ``TMPDIR``. ``False`` verifies and loads in place.
         revision: a branch, tag or commit of a hub repo id.
+        local_files_only: a hub repo id is read from the hub cache only, never downloaded.
         backend: ``"onnxruntime"`` (the default) or ``"openvino"``: the same graphs compiled by
             OpenVINO's CPU plugin (``zreward_fast.runtime.openvino_backend``; ``pip install
             openvino``), with the same preprocessing and checks. ``providers`` and ``spin_wait``
@@ -94,6 +95,7 @@ class Scorer:
         parallel_runs: int = 1,
         copy: bool = True,
         revision: str | None = None,
+        local_files_only: bool = False,
         backend: str = "onnxruntime",
         precision: str = "f32",
     ) -> None:
@@ -127,7 +129,7 @@ class Scorer:
             opts.intra_op_num_threads = max(1, (os.cpu_count() or 1) // parallel_runs)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
         self._threads = opts.intra_op_num_threads or None
-        self.bundle_dir = resolve(bundle_dir, revision)  # a directory, or a hub repo id (zreward_fast.hub)
+        self.bundle_dir = resolve(bundle_dir, revision, local_files_only)  # a directory, or a hub repo id (zreward_fast.hub)
         # verified while copied into a private directory, loaded from there: what runs is what was
         # checked, even if the bundle changes afterwards (copy=False: in place, no extra disk)
         self._private = tempfile.mkdtemp(prefix="zreward-bundle-") if copy else None
