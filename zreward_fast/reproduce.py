@@ -282,11 +282,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "reproduce.log").write_text("")  # appended to (O_APPEND) by this process and the job workers
-    handler = logging.FileHandler(out / "reproduce.log", mode="a")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    root = logging.getLogger("zreward_fast")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root, handler = _log_to(out / "reproduce.log")
     t0, times = time.perf_counter(), {}
 
     def lap(name: str) -> None:
@@ -417,15 +413,21 @@ def _export(out: Path, cfg: ReproduceConfig, resume: bool) -> dict:
                          force=True, progress=False).parity
 
 
-def _worker_init(threads: int, log_path: str) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    handler = logging.FileHandler(log_path, mode="a")
+def _log_to(path: str | Path) -> tuple[logging.Logger, logging.Handler]:
+    """The package's INFO log appended (O_APPEND: the run and its job workers share the file) to ``path``."""
+    handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     root = logging.getLogger("zreward_fast")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    return root, handler
+
+
+def _worker_init(threads: int, log_path: str) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _log_to(log_path)
 
 
 def _run_jobs(jobs: list[tuple[str, str, Path]], cfg: ReproduceConfig, ev: dict, resume: bool,
