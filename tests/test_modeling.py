@@ -162,3 +162,16 @@ def test_add_score_tokens_initialises_rows_from_their_text():
     emb = model.get_input_embeddings().weight
     torch.testing.assert_close(emb[ids["<|score_2.5|>"]], emb[source].mean(0))
     torch.testing.assert_close(model.lm_head.weight[ids["<|score_2.5|>"]], model.lm_head.weight[source].mean(0))
+
+
+def test_score_buffers_live_on_the_device_of_a_model_moved_before_wrapping(rm, tmp_path):
+    # from_pretrained(device=...) moves the HF model, then wraps it: the score rows' ids and levels
+    # must be made where the LM head is, or every GPU score fails ("token_ids is on cpu"). The meta
+    # device stands in for CUDA on a machine without one.
+    rm.save_pretrained(tmp_path)
+    loaded = ZRewardModel.from_pretrained(tmp_path, device="meta")
+    assert loaded.lm_head.weight.device.type == "meta"
+    assert loaded.score_token_ids.device.type == "meta" and loaded.levels.device.type == "meta"
+    model, processor = tiny_model(0)
+    wrapped = ZRewardModel(model.to("meta"), processor)
+    assert wrapped.score_token_ids.device.type == "meta" and wrapped.levels.device.type == "meta"

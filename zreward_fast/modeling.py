@@ -54,8 +54,11 @@ class ZRewardModel(nn.Module):
         bad = [i for i in processor.score_token_ids if i >= vocab]
         if bad:
             raise ValueError(f"score token ids {bad} are outside the LM head ({vocab} rows): resize the model")
-        self.register_buffer("score_token_ids", torch.tensor(processor.score_token_ids, dtype=torch.long), persistent=False)
-        self.register_buffer("levels", torch.tensor(self.scale.levels, dtype=torch.float32), persistent=False)
+        # on the head's device: a model built or moved to the GPU before it is wrapped must score there
+        device = head.weight.device
+        self.register_buffer("score_token_ids", torch.tensor(processor.score_token_ids, dtype=torch.long, device=device),
+                             persistent=False)
+        self.register_buffer("levels", torch.tensor(self.scale.levels, dtype=torch.float32, device=device), persistent=False)
 
     # ------------------------------------------------------------------ core
     @property
