@@ -12,8 +12,10 @@ Rows, measured side by side:
   engine-bf16          TorchEngine: static buckets, CUDA graphs, fla GDN kernels, SDPA
   engine-fp8           the same with e4m3 linears through torch._scaled_mm (sm_89+ only)
 
-Reports batch-1 latency (median, p99) and images/s at batch 16 and 64, each engine's mean |delta mu|
-against transformers on the same batch, and writes engine.csv and engine.png to --out-dir.
+Reports batch-1 latency (median, p99) and images/s at batch 16 and 64, each row's mean |delta mu|
+against transformers on the same batch and against the same weights run in fp32 (which separates an
+engine's error from bf16 rounding that a 32-layer random model amplifies), and writes engine.csv and
+engine.png to --out-dir; ``--profile`` adds engine_profile.txt (the bf16 engine's kernels, batch 1 and 16).
 
     python bench/bench_engine.py [--quick] [--out-dir DIR]
 
@@ -47,7 +49,7 @@ VISION_9B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=1
 VOCAB_9B = 248320
 CSV_FIELDS = ["impl", "device", "dtype", "positions", "seq_bucket", "gdn", "b1_ms_median", "b1_ms_p99",
               "b16_images_per_s", "b64_images_per_s", "b1_speedup", "b16_speedup", "b64_speedup",
-              "mean_abs_dmu_vs_eager", "warmup_s", "note"]
+              "mean_abs_dmu_vs_eager", "mean_abs_dmu_vs_fp32", "warmup_s", "note"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=20.0, help="cap on the timed loop of one measurement")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: checks the script, not timings")
+    p.add_argument("--no-fp32-ref", action="store_true",
+                   help="skip the fp32 reference scores (the model cast to fp32 in place once: 2x its bf16 memory)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the bf16 engine (no CUDA graphs) at batch 1 and 16: engine_profile.txt")
     a = p.parse_args(argv)
     a.impls = [x.strip() for x in a.impls.split(",") if x.strip()]
     unknown = set(a.impls) - {"eager", "bf16", "fp8"}
@@ -133,7 +139,7 @@ def p99(xs: list[float]) -> float:
     return xs[min(len(xs) - 1, math.ceil(0.99 * len(xs)) - 1)]
 
 
-def measure(name: str, score, args, images, prompts, ref_means=None, extra=None) -> tuple[dict, object]:
+def measure(name: str, score, args, images, prompts, ref_means=None, extra=None, fp32_means=None) -> tuple[dict, object]:
     import numpy as np
     import torch
 
@@ -150,6 +156,8 @@ def measure(name: str, score, args, images, prompts, ref_means=None, extra=None)
         means = np.array([[r[d].mean for d in DIMENSIONS] for r in res])
         if ref_means is not None:
             row["mean_abs_dmu_vs_eager"] = float(np.abs(means - ref_means).mean())
+        if fp32_means is not None:
+            row["mean_abs_dmu_vs_fp32"] = float(np.abs(means - fp32_means).mean())
     except RuntimeError as e:  # out of memory, non-finite scores, a kernel failure: keep the other rows
         kind = "OOM" if isinstance(e, torch.cuda.OutOfMemoryError) else type(e).__name__
         row["note"] = f"{kind}: {(str(e).splitlines() or [''])[0][:160]}"
@@ -192,12 +200,15 @@ def main(argv=None) -> int:
     common = {"device": dev_name, "positions": length}
     rows, ref_means = [], None
     ctx = torch.inference_mode()
+    # bf16 against bf16 mixes two rounding paths: the fp32 scores of the same weights (bf16 -> fp32
+    # -> bf16 is exact, so the model is cast in place and back) say which one the error belongs to.
+    fp32_means = None if args.no_fp32_ref else fp32_reference(rm, images[:16], prompts[:16])
 
     if "eager" in args.impls:
         with ctx:
             row, ref_means = measure("transformers-eager", lambda i, p, b: rm.score(i, p, batch_size=b), args, images,
                                      prompts, extra={**common, "dtype": str(rm.model.dtype).replace("torch.", ""),
-                                                     "gdn": "fla" if fla else "torch"})
+                                                     "gdn": "fla" if fla else "torch"}, fp32_means=fp32_means)
         if ref_means is not None:
             row["mean_abs_dmu_vs_eager"] = 0.0
         rows.append(row)
@@ -225,9 +236,12 @@ def main(argv=None) -> int:
         print(f"  engine-{impl}: built and warmed up (graphs {eng.graphs_captured}) in {warm:.1f}s", flush=True)
         row, _ = measure(f"engine-{impl}", lambda i, p, b: eng.score(i, p, batch_size=b), args, images, prompts,
                          ref_means, extra={**common, "dtype": "fp8-e4m3" if impl == "fp8" else str(eng.dtype).replace("torch.", ""),
-                                           "seq_bucket": seq_bucket, "gdn": eng.gdn_backend, "warmup_s": warm})
+                                           "seq_bucket": seq_bucket, "gdn": eng.gdn_backend, "warmup_s": warm},
+                         fp32_means=fp32_means)
         rows.append(row)
         del eng
+        if impl == "bf16" and args.profile:
+            profile_engine(rm, args, images, prompts, out_dir / "engine_profile.txt")
 
     base = rows[0] if rows and rows[0]["impl"] == "transformers-eager" else None
     for r in rows:
@@ -246,15 +260,62 @@ def main(argv=None) -> int:
         w.writerows({k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in CSV_FIELDS} for r in rows)
     _plot(rows, out_dir / "engine.png", f"{params:.2f}B student, {length} positions, {dev_name}")
     print(f"\n{'impl':20s} {'b1 ms':>8s} {'p99':>8s} {'b16 img/s':>10s} {'b64 img/s':>10s} {'b1 x':>6s} "
-          f"{'b16 x':>6s} {'mean|dmu|':>10s}")
+          f"{'b16 x':>6s} {'mean|dmu|':>10s} {'vs fp32':>8s}")
     fmt = lambda v, spec: format(v, spec) if isinstance(v, float) else "-"  # noqa: E731
     for r in rows:
         print(f"{r['impl']:20s} {fmt(r.get('b1_ms_median'), '8.2f')} {fmt(r.get('b1_ms_p99'), '8.2f')} "
               f"{fmt(r.get('b16_images_per_s'), '10.1f')} {fmt(r.get('b64_images_per_s'), '10.1f')} "
               f"{fmt(r.get('b1_speedup'), '6.2f')} {fmt(r.get('b16_speedup'), '6.2f')} "
-              f"{fmt(r.get('mean_abs_dmu_vs_eager'), '10.4f')} {r.get('note', '')}")
+              f"{fmt(r.get('mean_abs_dmu_vs_eager'), '10.4f')} {fmt(r.get('mean_abs_dmu_vs_fp32'), '8.4f')} "
+              f"{r.get('note', '')}")
     print(f"targets (docs/architecture.md): batch 1 <= 12 ms; batch 16 >= 150 images/s bf16, >= 230 fp8\nwrote {path}")
     return 0
+
+
+def fp32_reference(rm, images, prompts):
+    """[n, D] means of the model's own weights in fp32 (cast in place, then back to its dtype)."""
+    import numpy as np
+    import torch
+
+    from zreward_fast import DIMENSIONS
+
+    dtype = rm.model.dtype
+    t = time.perf_counter()
+    with torch.inference_mode():
+        rm.model.float()
+        try:
+            res = rm.score(images, prompts, batch_size=len(images))
+        finally:
+            rm.model.to(dtype)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"  fp32 reference scores of {len(images)} images in {time.perf_counter() - t:.1f}s", flush=True)
+    return np.array([[r[d].mean for d in DIMENSIONS] for r in res])
+
+
+def profile_engine(rm, args, images, prompts, path: Path) -> None:
+    """torch.profiler tables of the bf16 engine without CUDA graphs (so each kernel shows), batch 1
+    and batch 16: where the time goes, for the next change."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from zreward_fast.engine import TorchEngine
+
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    eng = TorchEngine.from_model(rm, batch_buckets=args.batches, seq_buckets=args.seq_buckets, use_cuda_graphs=False)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    parts = []
+    for b in (1, 16):
+        eng.score(images[:b], prompts[:b], batch_size=b)  # warm (the bucket's kernels compiled)
+        with profile(activities=acts, record_shapes=False) as prof:
+            for _ in range(3):
+                eng.score(images[:b], prompts[:b], batch_size=b)
+        parts.append(f"=== batch {b}, 3 calls, sorted by {sort}\n"
+                     + prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
+    del eng
+    path.write_text("\n\n".join(parts) + "\n")
+    print(f"  profile of the bf16 engine written to {path}", flush=True)
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:

@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
-    DTYPES, SHORT, Timer, add_roofline, add_speedups, pick_impls, print_table, results_dir, start_kernel_bench,
-    timing_fields, write_results,
+    DTYPES, SHORT, Timer, add_roofline, add_speedups, graph_rows, pick_impls, print_table, results_dir,
+    start_kernel_bench, timing_fields, write_results,
 )
 from common import device_name as _device_name  # noqa: E402
 CSV_FIELDS = ["impl", "P", "G", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90", "speedup_vs_eager", "note"]
@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impls", default="all", help="comma list of eager,compile,triton,triton-kernel")
     p.add_argument("--no-interpret", action="store_true",
                    help="CPU: skip the Triton interpreter correctness smoke")
+    p.add_argument("--no-graph", action="store_true",
+                   help="GPU: skip the CUDA-graph replay rows (eager, compile, triton-kernel timed without launch gaps)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the interpreter child
     a = p.parse_args(argv)
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
         return out
 
     rows: list[dict] = []
+    fns = {}  # impl -> its timed step, for the graph-replay rows
     for impl in impls:
         row = dict(impl=impl, P=P, G=G, K=K, dtype=short, device=device_name)
         if impl == "eager":
@@ -182,7 +185,10 @@ def main(argv=None) -> int:
             continue
         row.update(**timing_fields(times), note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
         rows.append(row)
+        fns[impl] = lambda fn=fn: step(fn)
         print(f"  {impl:14s} {row['ms_median']:10.4f} ms", flush=True)
+    if gpu and not args.no_graph:  # the public op syncs once a call to validate: not capturable
+        graph_rows(rows, fns, ["eager", "compile", "triton-kernel"], Timer(dev), args.repeats)
 
     add_speedups(rows, "eager", "speedup_vs_eager")
     # the op's floor: the [P, 2, G, K] logits read and their grad written, the pairwise |mu_i - mu_j|

@@ -40,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DTYPES, SHORT, add_roofline, add_score_rows_args, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
-    timing_fields, write_results,
+    DTYPES, SHORT, add_roofline, add_score_rows_args, Timer, add_speedups, device_name, graph_rows, pick_impls, print_table,
+    results_dir, start_kernel_bench, timing_fields, write_results,
 )
 
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "weight", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interpret", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: run the Triton kernels under TRITON_INTERPRET=1 at a tiny shape "
                         "(correctness smoke, not performance); default on for cpu")
+    p.add_argument("--no-graph", action="store_true",
+                   help="GPU: skip the CUDA-graph replay rows (the gathered, compiled and kernel rows without launch gaps)")
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
             return loss
 
         print(f" weight={mode} (V={v})", flush=True)
+        start, fns = len(rows), {}
         for impl in impls:
             row = dict(impl=impl, N=args.N, H=args.H, V=v, K=args.K, weight=mode, dtype=short, device=dname)
             fn = None
@@ -180,8 +183,11 @@ def main(argv=None) -> int:
                 continue
             row.update(**timing_fields(times), peak_mem_mb=peak, note=f"max|loss-ref|={err:.1e}; first call {first_s:.1f}s")
             rows.append(row)
+            fns[impl] = lambda fn=fn: step(fn)
             print(f"  {impl:18s} {row['ms_median']:10.3f} ms", flush=True)
-        del hidden, weight, bias, teacher, params, ref_loss
+        if gpu and not args.no_graph:  # the public op checks each teacher batch with a host sync: not capturable
+            graph_rows(rows, fns, ["eager-gathered", "compile-gathered", "triton-kernel"], timer, args.repeats, start)
+        del hidden, weight, bias, teacher, params, ref_loss, fns
         if gpu:
             torch.cuda.empty_cache()
 

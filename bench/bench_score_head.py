@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
-    DTYPES, SHORT, add_roofline, add_score_rows_args, Timer, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
-    timing_fields, write_results,
+    DTYPES, SHORT, add_roofline, add_score_rows_args, Timer, add_speedups, device_name, graph_rows, pick_impls, print_table,
+    results_dir, start_kernel_bench, timing_fields, write_results,
 )
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_mem_mb", "speedup_vs_gathered_eager", "weight_grad", "note"]
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma list of eager-full-logits,eager-gathered,compile-gathered,triton,triton-kernel")
     p.add_argument("--interpret", action="store_true",
                    help="CPU: run the Triton kernels under TRITON_INTERPRET=1 at a tiny shape (smoke, not perf)")
+    p.add_argument("--no-graph", action="store_true",
+                   help="GPU: skip the CUDA-graph replay rows (the gathered, compiled and Triton rows without launch gaps)")
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
@@ -129,6 +131,7 @@ def main(argv=None) -> int:
             return dict(impl=impl, N=args.N, H=args.H, V=args.V, K=args.K, dtype=short, device=device_name(dev),
                         weight_grad="yes" if wg else "no")
 
+        start, fns = len(rows), {}
         for impl in impls:
             row = base_row(impl)
             fn = None
@@ -168,8 +171,12 @@ def main(argv=None) -> int:
                 continue
             row.update(**timing_fields(times), peak_mem_mb=peak, note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
             rows.append(row)
+            fns[impl] = lambda fn=fn: step(fn)
             print(f"  {impl:18s} {row['ms_median']:10.3f} ms", flush=True)
-        del hidden, weight, bias, grads, ref_out
+        if gpu and not args.no_graph:  # the public op last: its id/level checks must be cached to capture
+            graph_rows(rows, fns, ["eager-gathered", "compile-gathered", "triton-kernel", "triton"], timer,
+                       args.repeats, start)
+        del hidden, weight, bias, grads, ref_out, fns
         if gpu:
             torch.cuda.empty_cache()
 

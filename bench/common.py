@@ -146,6 +146,35 @@ class Timer:
             del out
         return res
 
+    def graph_times(self, fn, repeats: int, inner: int = 20) -> list[float]:
+        """CUDA only: ``fn`` captured once in a CUDA graph (after warm-up calls on a side stream, as
+        torch's whole-network capture does), then ``repeats`` timings of ``inner`` back-to-back
+        replays each, per replay: the GPU time of the work without Python or launch gaps (the way
+        to time launch-bound ops). ``fn`` must not synchronise with the host."""
+        torch = self.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        res = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            res.append(start.elapsed_time(end) / inner)
+        del out, graph
+        return res
+
     def time(self, fn, repeats: int, warmup: int) -> tuple[list[float], float | None]:
         """``warmup`` untimed calls, the peak extra memory of one call, then ``repeats`` timed ones."""
         for _ in range(warmup):
@@ -180,11 +209,35 @@ def timing_fields(times: list[float]) -> dict:
     return {"ms_median": statistics.median(times), "ms_p10": quantile(times, 0.1), "ms_p90": quantile(times, 0.9)}
 
 
+GRAPH_SUFFIX = "+graph"  # a row timed by CUDA graph replay (Timer.graph_times)
+
+
+def graph_rows(rows: list[dict], fns: dict, impls: Sequence[str], timer: Timer, repeats: int, start: int = 0) -> None:
+    """Append, for each of ``impls`` whose plain row (in ``rows[start:]``) was timed (``fns[impl]``: its
+    no-argument step), a copy of that row named '<impl>+graph' and timed by CUDA graph replay, or a
+    note on why not."""
+    for impl in impls:
+        if impl not in fns:
+            continue
+        base = next(r for r in rows[start:] if r["impl"] == impl and r.get("ms_median") is not None)
+        row = {k: v for k, v in base.items() if k not in ("ms_median", "ms_p10", "ms_p90", "note")}
+        row.update(impl=impl + GRAPH_SUFFIX, **{k: None for k in ("peak_mem_mb", "peak_extra_mb") if k in base})
+        try:
+            row.update(**timing_fields(timer.graph_times(fns[impl], repeats)),
+                       note="CUDA graph replay: GPU time, no Python or launch gaps")
+            print(f"  {row['impl']:22s} {row['ms_median']:10.4f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001 - an op that cannot be captured keeps its plain row
+            row["note"] = f"graph capture failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:140]}"
+            print(f"  {row['impl']:22s} {row['note']}", flush=True)
+        rows.append(row)
+
+
 def add_speedups(rows: list[dict], base_impl: str, key: str, same: Sequence[str] = ()) -> None:
     """rows[key] = the base row's median / this row's, the base being ``base_impl`` with the same
-    values of the ``same`` fields."""
+    values of the ``same`` fields (a graph-replay row against the base's graph-replay row)."""
     for r in rows:
-        base = next((b for b in rows if b["impl"] == base_impl and b.get("ms_median")
+        want = base_impl + (GRAPH_SUFFIX if r["impl"].endswith(GRAPH_SUFFIX) else "")
+        base = next((b for b in rows if b["impl"] == want and b.get("ms_median")
                      and all(b.get(f) == r.get(f) for f in same)), None)
         if base and r.get("ms_median"):
             r[key] = base["ms_median"] / r["ms_median"]

@@ -48,24 +48,34 @@ def test_gpu_check_script_parses():
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
     """`gpu_check.sh --dry-run`: every step of the device run (the GPU tests collected and skipped,
-    the four kernel benchmarks at tiny shapes, the engine's CPU smoke, the summary) with this
-    machine's python, so a typo or a missing import never costs device time."""
-    out = tmp_path / "out"
+    the four kernel benchmarks at tiny shapes, the engine's CPU smoke and profile, the summary, the
+    archive a device call brings back) with this machine's python, so a typo or a missing import
+    never costs device time."""
+    import tarfile
+
+    out, archive = tmp_path / "out", tmp_path / "gpu_check.tgz"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "STEPS")}
-    env.update(OUT=str(out), OMP_NUM_THREADS="1")
+    env.update(OUT=str(out), ARCHIVE=str(archive), OMP_NUM_THREADS="1")
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "dry run" in r.stdout and "all steps passed" in r.stdout
-    for step in ("env", "gpu_tests", "bench_score_head", "bench_gdso_loss", "bench_risd_loss", "bench_grpo_loss",
-                 "bench_engine"):
+    for step in ("env", "gpu_tests", "gpu_engine_tests", "bench_score_head", "bench_gdso_loss", "bench_risd_loss",
+                 "bench_grpo_loss", "bench_engine"):
         assert f"=== [{step}] rc=0" in r.stdout, step
-    for f in ("gpu_tests.txt", "score_head.csv", "gdso_loss.csv", "risd_loss.csv", "grpo_loss.csv", "engine.csv",
-              "summary.csv"):
+    files = ("gpu_tests.txt", "gpu_engine_tests.txt", "score_head.csv", "gdso_loss.csv", "risd_loss.csv",
+             "grpo_loss.csv", "engine.csv", "engine_profile.txt", "summary.csv")
+    for f in files:
         assert (out / f).is_file(), f
+    with tarfile.open(archive) as tar:  # everything in one file, the wheels' site left out
+        names = tar.getnames()
+    assert {f"out/{f}" for f in files} <= set(names) and not any("site" in n for n in names), names
     # the GPU tests were found (collected) and skipped here, none failed
-    tests = (out / "gpu_tests.txt").read_text()
-    assert "skipped" in tests and "failed" not in tests and "error" not in tests.lower(), tests[-2000:]
+    for f in ("gpu_tests.txt", "gpu_engine_tests.txt"):
+        tests = (out / f).read_text()
+        assert "skipped" in tests.lower() and "failed" not in tests and "error" not in tests.lower(), tests[-2000:]
+    # the engine's rows carry the fp32 reference column
+    assert "mean_abs_dmu_vs_fp32" in (out / "engine.csv").read_text().splitlines()[0]
 
 
 def test_roofline_floor_is_the_slower_of_bytes_and_flops():

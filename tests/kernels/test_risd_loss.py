@@ -284,6 +284,25 @@ def test_bad_input(change, exc, match):
     assert_rejects(zk.risd_loss, _good(), change, exc, match)
 
 
+def test_id_checks_run_once_per_unchanged_ids(monkeypatch):
+    """Like the score head's: the same unchanged ids skip their value check (a host sync); the
+    teacher distribution, new every step, is still checked on every call."""
+    from zreward_fast.kernels import _validate
+
+    calls = []
+    check = _validate.check_values
+    monkeypatch.setattr(_validate, "check_values", lambda *a: (calls.append(1), check(*a))[1])
+    args = _good()
+    zk.risd_loss(**args)
+    zk.risd_loss(**args)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="teacher_probs contain NaN"):
+        zk.risd_loss(**{**args, "teacher_probs": _teacher(lambda t: t.__setitem__((0, 0), float("nan")))})
+    args["token_ids"][0] = args["token_ids"][1]
+    with pytest.raises(ValueError, match="duplicate score tokens"):
+        zk.risd_loss(**args)
+
+
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
 
 

@@ -228,6 +228,41 @@ def test_bad_input(change, exc, match):
     assert_rejects(zk.score_head, _good(), change, exc, match)
 
 
+def test_value_checks_run_once_per_unchanged_ids_and_levels(monkeypatch):
+    """The ids' and levels' value checks (a host sync) are skipped for the same, unchanged tensors a
+    model passes every call, and run again when either is a new tensor or was written in place."""
+    from zreward_fast.kernels import _validate
+
+    calls = []
+    check = _validate.check_values
+    monkeypatch.setattr(_validate, "check_values", lambda *a: (calls.append(1), check(*a))[1])
+    args = _good()
+    ids, levels = args["token_ids"], torch.as_tensor(args["levels"], dtype=torch.float32)
+    args["levels"] = levels
+    for _ in range(3):
+        zk.score_head(**args)
+    assert len(calls) == 1
+    last, mid = int(ids[-1]), float(levels[4])
+    ids[-1] = ids[0]  # in place: the version counter moves, and the duplicate is caught
+    with pytest.raises(ValueError, match="duplicate score tokens"):
+        zk.score_head(**args)
+    ids[-1] = last
+    zk.score_head(**args)
+    levels[4] = float("nan")
+    with pytest.raises(ValueError, match="levels must be finite"):
+        zk.score_head(**args)
+    levels[4] = mid
+    zk.score_head(**{**args, "token_ids": ids.clone()})  # a new tensor with the same values
+    zk.score_head(**{**args, "levels": args["levels"].tolist()})  # a list: checked every call
+    zk.score_head(**{**args, "levels": args["levels"].tolist()})
+    assert len(calls) == 7
+    with torch.inference_mode():  # inference tensors have no version counter: checked every call
+        frozen = ids.clone()
+        zk.score_head(**{**args, "token_ids": frozen})
+        zk.score_head(**{**args, "token_ids": frozen})
+    assert len(calls) == 9
+
+
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
 
 
