@@ -22,8 +22,11 @@ from .. import __version__
 from ..fileio import staged_directory
 from ..modeling import ZRewardModel
 from ..models.gated_deltanet import check_gdn_form
-from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, resolve_quant_mode
+from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, FALLBACKS, resolve_quant_mode
 
+#: calibration images the fallback is measured on (one forward pass each try, at most ~log2 of the
+#: candidate layers tries)
+FALLBACK_IMAGES = 8
 
 
 # images per batch of the parity check: activations, not weights, set the peak at real widths (a
@@ -115,10 +118,17 @@ def export_bundle(
     overwrite: bool = False,
     progress: bool = True,
     benchmark: dict | None = None,
+    fallback: str = "auto",
 ) -> ExportResult:
     """Export ``model`` (a :class:`ZRewardModel` or a saved model directory) to a bundle, with its
     model card (``README.md``: ``benchmark`` is an :func:`~zreward_fast.evaluation.evaluate` report
-    to show in it)."""
+    to show in it).
+
+    ``fallback="auto"`` (int8-dynamic only): the layers most sensitive to its per-tensor activation
+    scales stay in float, as many as it takes for the emulated error to fall to 40% of the parity
+    gate, measured on calibration images (``calib_dir``, else synthetic ones; never the parity
+    pairs); ``"none"`` quantizes every candidate. The choice is in the manifest
+    (``quantization.fallback``)."""
     from ..runtime import Scorer
     from ..runtime.bundle import update_manifest, write_manifest
     from .manifest import manifest_from_processor
@@ -128,6 +138,8 @@ def export_bundle(
 
     mode = resolve_quant_mode(quantize)
     check_gdn_form(gdn)
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if num_pairs < 1:
         raise ValueError("num_pairs must be >= 1")
     out = Path(out_dir)
@@ -148,6 +160,14 @@ def export_bundle(
     for i in _progress(range(0, len(images), batch), "reference scores", progress):
         ref_results += rm.score(images[i : i + batch], prompts[i : i + batch], dims, batch_size=batch)
     ref = _probs_from_results(ref_results, dims)
+    choice = None
+    if mode == "int8-dynamic" and fallback == "auto":
+        from .quantize.sensitivity import TARGET_FRACTION, choose_fallback
+
+        calib_images, calib_prompts = calibration_images(calib_dir, count=FALLBACK_IMAGES)
+        for _ in _progress([calib_dir], "int8 sensitivity", progress):
+            choice = choose_fallback(rm, calib_images, calib_prompts, TARGET_FRACTION * thresholds["mean_abs_dmu"],
+                                     batch=batch)
 
     work = Path(tempfile.mkdtemp(prefix="zreward-export-"))
     try:
@@ -177,7 +197,10 @@ def export_bundle(
         else:
             shutil.copy2(work / "tok" / "tokenizer.json", fp32 / "tokenizer.json")
             write_manifest(fp32, dict(manifest, quantization={"mode": "none"}))
-            manifest["quantization"] = _quantize(fp32, bundle, mode, calib_dir, external_data_threshold, progress)
+            manifest["quantization"] = _quantize(fp32, bundle, mode, calib_dir, external_data_threshold, progress,
+                                                 choice.keep if choice else None)
+            if choice is not None:
+                manifest["quantization"]["fallback"] = choice.report()
             shutil.rmtree(fp32)
         shutil.copy2(work / "tok" / "tokenizer.json", bundle / "tokenizer.json")
         manifest["opset"] = _graph_opset(bundle / "decoder.onnx")  # quantizers may raise it (fp8: 19)
@@ -216,7 +239,8 @@ def _graph_opset(path: Path) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold: int, progress: bool) -> dict:
+def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold: int, progress: bool,
+              keep: dict | None = None) -> dict:
     """Quantize both graphs; static modes calibrate on images run through the fp32 bundle."""
     from .quantize import CALIBRATED_MODES, ArrayCalibrationReader, quantize_bundle_graph
 
@@ -246,5 +270,6 @@ def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold
     for name in ("vision", "decoder"):
         src = fp32 / f"{name}.onnx"
         external = (fp32 / f"{name}.onnx.data").exists() or src.stat().st_size > external_threshold
-        reports[name] = quantize_bundle_graph(src, bundle / f"{name}.onnx", mode, readers[name], external_data=external)
+        reports[name] = quantize_bundle_graph(src, bundle / f"{name}.onnx", mode, readers[name], external_data=external,
+                                              keep=keep)
     return {"mode": mode, "calibration": calibration, "graphs": reports}

@@ -33,6 +33,9 @@ BACKENDS = ("onnxruntime", "openvino")
 # (``int8-weight``/``int4-weight``: weight-only, block-wise ``com.microsoft::MatMulNBits``, CPU)
 QUANT_MODES = ("none", "int8-dynamic", "int8-static", "fp8", "int8-weight", "int4-weight")
 QUANT_ALIASES = {"int8": "int8-dynamic"}
+# ``export_bundle(fallback=...)``: int8-dynamic's per-layer float fallback, chosen by measured
+# sensitivity (export/quantize/sensitivity.py), or none
+FALLBACKS = ("auto", "none")
 # A graph whose weights pass this many bytes keeps them in ``<graph>.data``. Far under protobuf's
 # 2 GiB message limit on purpose: an inline graph is serialised whole in memory (the weights twice
 # more while it is written and checked), while external data is written one tensor at a time and

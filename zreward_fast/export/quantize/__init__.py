@@ -19,7 +19,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import onnx
@@ -191,6 +191,7 @@ def quantize_bundle_graph(
     reduce_range: bool = False,
     fp8_tool: Literal["auto", "modelopt", "onnxruntime"] = "auto",
     show_progress: bool = True,
+    keep: Mapping[tuple[str, int, str], str] | None = None,
 ) -> dict[str, Any]:
     """Quantize one bundle graph ``src`` into ``dst`` and return a JSON-serialisable report.
 
@@ -210,7 +211,8 @@ def quantize_bundle_graph(
       else onnxruntime's (``QFLOAT8E4M3FN``, Distribution calibration, opset raised to 19).
       onnxruntime's CPU EP runs it with dequantized fp32 arithmetic; the speed-up is TensorRT's.
 
-    Only the nodes chosen by :func:`select_quantizable_nodes` are quantized. Calibration runs
+    Only the nodes chosen by :func:`select_quantizable_nodes` are quantized (``keep``: layers it
+    leaves in float besides, by measured sensitivity; :mod:`.sensitivity`). Calibration runs
     onnxruntime's calibrator one reader batch at a time (batches may differ in sequence length);
     a tqdm bar shows it unless ``show_progress=False``. ``external_data``
     writes the weights to ``<dst>.data`` (bundle convention); it is switched on automatically when
@@ -254,7 +256,7 @@ def quantize_bundle_graph(
         save_graph(model, prepared, external_data=True)
         del model
         prep["typed_custom_outputs"] = annotate_custom_op_types(prepared)
-        nodes_q, nodes_x, selection = select_quantizable_nodes(prepared)
+        nodes_q, nodes_x, selection = select_quantizable_nodes(prepared, keep)
         reader = None
         if calibration_reader is not None:
             reader = _ProgressReader(calibration_reader, f"calibrating {src.name} ({mode})", show_progress)

@@ -82,6 +82,31 @@ _COMPILED = {k: re.compile(rf"(?:{v})", re.IGNORECASE) for k, v in EXCLUDE_PATTE
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
 
+_LAYER_KEY = re.compile(r"(?:^|\.)(layers|blocks)\.(\d+)\.(?:.*\.)?([A-Za-z0-9_]+)$")
+_MERGER_KEY = re.compile(r"(?:^|\.)merger\.(?:.*\.)?([A-Za-z0-9_]+)$")
+
+
+def layer_key(module: str | None) -> tuple[str, int, str] | None:
+    """A linear layer's identity that PyTorch and the exported graphs share: ``("layers", 3,
+    "down_proj")`` for ``model.language_model.layers.3.mlp.down_proj`` and for the graph's
+    ``layers.3.mlp.down_proj``; ``("blocks", 0, "qkv")`` for a vision block; ``("merger", -1,
+    "linear_fc1")``. The path in between differs (``linear_attn`` is ``mixer.hf`` in the graph), the
+    leaf names within one layer do not. None for anything else."""
+    if not module:
+        return None
+    m = _LAYER_KEY.search(module)
+    if m:
+        return m.group(1), int(m.group(2)), m.group(3)
+    m = _MERGER_KEY.search(module)
+    return ("merger", -1, m.group(1)) if m else None
+
+
+def excluded_by_name(module: str) -> str | None:
+    """The name rule (:data:`EXCLUDE_PATTERNS`) that keeps a module path in float, or None."""
+    comps = _components([module])
+    return next((rule for rule, rx in _COMPILED.items() if any(rx.fullmatch(c) for c in comps)), None)
+
+
 def _module_from_param(name: str) -> str | None:
     if not name or _GENERATED_NAME.search(name) or "." not in name:
         return None
@@ -173,12 +198,16 @@ def _load_structure(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
 
 def select_quantizable_nodes(
     model_path: str | Path | onnx.ModelProto,
+    keep: Mapping[tuple[str, int, str], str] | None = None,
 ) -> tuple[list[str], list[str], dict[str, Any]]:
     """Decide, for every MatMul/Gemm with a constant weight, whether to quantize it.
 
     Returns ``(nodes_to_quantize, nodes_to_exclude, report)``. Rules, in order (first hit wins):
 
     1. name rules (:data:`EXCLUDE_PATTERNS`) on every name the node carries -> ``name:<rule>``;
+       then ``keep``: layers chosen to stay in float by measured sensitivity (:func:`layer_key` ->
+       a reason; :func:`~zreward_fast.export.quantize.sensitivity.choose_fallback`) ->
+       ``sensitivity:<reason>``;
     2. shape rules: a weight that is not 2-D -> ``shape:not_2d``; fewer than
        :data:`MIN_QUANT_ELEMENTS` elements -> ``shape:tiny``; at most :data:`MAX_HEAD_ROWS` output
        features -> ``shape:narrow`` (score head ``[K, H]``, per-head gates);
@@ -227,6 +256,8 @@ def select_quantizable_nodes(
         texts += [c.input[0] for c in chain]
         comps = _components(texts)
         reason = next((f"name:{rule}" for rule, rx in _COMPILED.items() if any(rx.fullmatch(c) for c in comps)), None)
+        if reason is None and keep and layer_key(module) in keep:
+            reason = f"sensitivity:{keep[layer_key(module)]}"
         if reason is None:
             numel = int(np.prod(dims)) if dims else 0
             if len(dims) != 2:

@@ -1,0 +1,186 @@
+"""Per-layer fallback for ``int8-dynamic``, chosen by measured sensitivity.
+
+onnxruntime's dynamic int8 gives each activation tensor one scale (uint8, asymmetric) and each weight
+row one (int8, symmetric). A layer whose input carries a few large channels loses most of its
+resolution to them: the MLP's ``down_proj`` reads ``silu(gate) * up``, attention's ``o_proj`` a gated
+output. Measured at 0.8B width (4 layers, vision depth 2, random weights, 16 images; README,
+"Quantization at real width"): with one layer at a time quantized so, the four ``down_proj`` moved
+the mean score by 0.023-0.056 each and every other layer by at most 0.023 (most under 0.005); all
+30 together by 0.082; keeping the two worst in float, 0.046.
+
+:func:`choose_fallback` reproduces that scheme in PyTorch (the same scales, fake-quantized) on
+calibration images, ranks the candidate layers by their own output error (one forward pass with
+hooks: ``||y_q - y|| / ||y||``, the field's usual per-layer proxy), then finds the fewest of the
+top-ranked layers to keep in float for the emulated end-to-end error to fall to ``target`` (doubling,
+then bisecting their count: one forward pass a try). The export hands the choice to
+:func:`~zreward_fast.export.quantize.policy.select_quantizable_nodes` (``keep``), and the bundle's
+parity gate then judges the real graph.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .policy import MAX_HEAD_ROWS, MIN_QUANT_ELEMENTS, excluded_by_name, layer_key
+
+#: the emulated error a fallback aims at, as a fraction of the parity gate's mean |delta mu|: the
+#: emulation leaves out onnxruntime's own rounding, and the gate is judged on other images
+TARGET_FRACTION = 0.4
+#: at most this share of the candidate layers is kept in float (past it the int8 graph is mostly fp32)
+MAX_FRACTION = 0.5
+#: when even that misses the target, the fewest layers whose error is within this factor of the
+#: best it reached: at 0.8B width the four ``down_proj`` took the emulated error from 0.091 to 0.035,
+#: twelve more layers only to 0.027 (the floor of int8 rounding everywhere else)
+REACHABLE_SLACK = 1.25
+
+
+def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+    """``DynamicQuantizeLinear`` then dequantized: uint8, one scale and zero point for the tensor,
+    its range widened to hold 0, round half to even."""
+    lo, hi = x.amin().clamp(max=0), x.amax().clamp(min=0)
+    scale = ((hi - lo) / 255).clamp_min(1e-30)
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    return (torch.round(x / scale + zero).clamp(0, 255) - zero) * scale
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 with one scale per output feature (a row of ``nn.Linear.weight``), dequantized."""
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-30)
+    return torch.round(w / scale).clamp(-127, 127) * scale
+
+
+def candidate_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The linear layers of the decoder and vision blocks that ``int8-dynamic`` would quantize: the
+    policy's name and shape rules, on PyTorch module paths."""
+    out = []
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or layer_key(name) is None or excluded_by_name(name):
+            continue
+        if mod.weight.numel() < MIN_QUANT_ELEMENTS or mod.weight.shape[0] <= MAX_HEAD_ROWS:
+            continue
+        out.append((name, mod))
+    return out
+
+
+@contextlib.contextmanager
+def fake_quantized(modules: Sequence[nn.Linear]) -> Iterator[None]:
+    """Run ``modules`` as int8-dynamic would while inside: the weight swapped for its fake-quantized
+    copy for the call only (one layer's copy in memory at a time), the input fake-quantized."""
+    saved: dict[int, torch.Tensor] = {}
+
+    def before(m, args):
+        saved[id(m)] = m.weight.data
+        m.weight.data = fake_quant_weight(saved[id(m)])
+        return (fake_quant_activation(args[0]), *args[1:])
+
+    def after(m, args, out):
+        m.weight.data = saved.pop(id(m))
+
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in modules:  # a call that raised midway leaves its weight swapped
+            if id(m) in saved:
+                m.weight.data = saved.pop(id(m))
+
+
+@dataclass
+class FallbackChoice:
+    """What :func:`choose_fallback` measured and chose."""
+
+    keep: dict[tuple[str, int, str], str]  # layer_key -> reason (the local error), for select_quantizable_nodes
+    ranking: list[tuple[str, float]]  # (module path, local relative output error), most sensitive first
+    searched: dict[int, float]  # layers kept in float -> emulated mean |delta mu|
+    target: float
+    images: int
+
+    def report(self) -> dict[str, Any]:
+        kept = len(self.keep)
+        return {
+            "method": "int8-dynamic emulated in PyTorch; layers ranked by their own output error",
+            "target_mean_abs_dmu": self.target, "images": self.images, "candidates": len(self.ranking),
+            "kept": {name: round(err, 5) for name, err in self.ranking[:kept]},
+            "emulated_mean_abs_dmu": {str(k): round(v, 5) for k, v in sorted(self.searched.items())},
+            "emulated_all_quantized": round(self.searched[0], 5),
+            "emulated_chosen": round(self.searched[kept], 5),
+            "ranking": [[name, round(err, 5)] for name, err in self.ranking],
+        }
+
+
+def _means(rm: Any, images: Sequence[Any], prompts: Sequence[str], batch: int) -> np.ndarray:
+    res = rm.score(images, prompts, batch_size=batch)
+    return np.array([[r[d].mean for d in rm.dimensions] for r in res])
+
+
+def fewest_to_keep(error: Callable[[int], float], target: float, limit: int) -> int:
+    """The smallest k in [0, limit] with ``error(k) <= target``, found by doubling k then bisecting
+    (about 2 log2(limit) calls of ``error``, which it assumes falls as k grows; where it does not,
+    the k found still meets the target), or ``limit`` when none does."""
+    if error(0) <= target:
+        return 0
+    lo, k = 0, 1
+    while k < limit and error(k) > target:
+        lo, k = k, 2 * k
+    hi = min(k, limit)
+    if error(hi) > target:
+        return limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if error(mid) <= target else (mid, hi)
+    return hi
+
+
+@torch.no_grad()
+def choose_fallback(
+    rm: Any, images: Sequence[Any], prompts: Sequence[str], target: float,
+    max_fraction: float = MAX_FRACTION, batch: int = 8,
+) -> FallbackChoice:
+    """The fewest most-sensitive layers of ``rm`` (a :class:`~zreward_fast.ZRewardModel` in fp32) to
+    keep in float for int8-dynamic's emulated mean |delta mu| on ``images`` to reach ``target``,
+    among at most ``max_fraction`` of the candidates; where that misses the target, the fewest whose
+    error is within :data:`REACHABLE_SLACK` of what keeping all of those reaches."""
+    cands = candidate_linears(rm.model)
+    ref = _means(rm, images, prompts, batch)
+    if not cands:
+        return FallbackChoice({}, [], {0: 0.0}, target, len(images))
+
+    errors: dict[str, float] = {}
+
+    def probe(name):
+        def hook(m, args, out):
+            yq = F.linear(fake_quant_activation(args[0]), fake_quant_weight(m.weight), m.bias)
+            err = float((yq - out).float().norm() / out.float().norm().clamp_min(1e-30))
+            errors[name] = max(errors.get(name, 0.0), err)
+        return hook
+
+    handles = [m.register_forward_hook(probe(n)) for n, m in cands]
+    try:
+        _means(rm, images, prompts, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    order = sorted(cands, key=lambda c: -errors.get(c[0], 0.0))
+    searched: dict[int, float] = {}
+
+    def emulated(k: int) -> float:
+        if k not in searched:
+            with fake_quantized([m for _, m in order[k:]]):
+                searched[k] = float(np.abs(_means(rm, images, prompts, batch) - ref).mean())
+        return searched[k]
+
+    limit = max(1, int(max_fraction * len(order)))
+    chosen = fewest_to_keep(emulated, target, limit)
+    if emulated(chosen) > target:  # unreachable: settle near the best reachable, not at the limit
+        chosen = fewest_to_keep(emulated, REACHABLE_SLACK * emulated(limit), limit)
+    ranking = [(n, errors.get(n, 0.0)) for n, _ in order]
+    keep = {layer_key(n): f"{err:.4f}" for n, err in ranking[:chosen]}
+    return FallbackChoice(keep, ranking, searched, target, len(images))
