@@ -137,8 +137,10 @@ def test_fake_quantized_restores_weights_after_an_error():
     saved = [m.weight.detach().clone() for m in mods]
     with pytest.raises(RuntimeError):
         with fake_quantized(mods):
-            out = mods[0](torch.randn(2, mods[0].in_features))  # swapped in and back
-            assert not torch.equal(out, torch.nn.functional.linear(torch.randn(2, mods[0].in_features), saved[0]))
+            x = torch.randn(2, mods[0].in_features)
+            out = mods[0](x)  # the fake-quantized weight swapped in for the call, and back
+            assert not torch.allclose(out, torch.nn.functional.linear(x, saved[0], mods[0].bias), rtol=0, atol=1e-7)
+            assert torch.equal(mods[0].weight, saved[0])
             mods[1](torch.randn(2, mods[1].in_features + 1))  # fails inside, its weight still swapped
     assert all(torch.equal(m.weight, w) for m, w in zip(mods, saved))
 
