@@ -126,14 +126,17 @@ def test_models_and_bundles_load_by_repo_id_and_revision_offline(hub, hub_offlin
     assert "acme/zr-student@v2" in out["acme/zr-studentv2"]
 
 
-def test_cli_commands_take_repo_ids(hub, tmp_path):
+@pytest.mark.parametrize("hub_offline", [True, False], ids=["HF_HUB_OFFLINE", "local_files_only-alone"])
+def test_cli_commands_take_repo_ids(hub, tmp_path, hub_offline):
+    """The CLI's loads by repo id pass --local-files-only: from the test's cache only, with or
+    without HF_HUB_OFFLINE (the children refuse every connection)."""
     root, cache, _ = hub
     from PIL import Image
 
     Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "red.png")
-    env = _offline_env(cache)
+    env = _offline_env(cache, hub_offline)
     cli = [sys.executable, "-m", "zreward_fast.cli"]
-    args = ["--image", str(tmp_path / "red.png"), "--prompt", "a red square", "--json"]
+    args = ["--image", str(tmp_path / "red.png"), "--prompt", "a red square", "--json", "--local-files-only"]
     by_id = subprocess.run(cli + ["score", "--bundle", "acme/zr-bundle", *args], env=env, capture_output=True,
                            text=True, timeout=300)
     local = subprocess.run(cli + ["score", "--bundle", str(root / "bundle"), *args], env=env, capture_output=True,

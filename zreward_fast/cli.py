@@ -26,7 +26,7 @@ def _score_bundle(args: argparse.Namespace) -> int:
     from .runtime import BundleError, Scorer
 
     try:
-        scorer = Scorer(args.bundle, revision=args.revision)
+        scorer = Scorer(args.bundle, revision=args.revision, local_files_only=args.local_files_only)
         (scores,) = scorer.score([args.image], [args.prompt], dimensions=args.dimensions)
     except (ImageError, BundleError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -59,11 +59,11 @@ def _score_many(args: argparse.Namespace) -> int:
         source = args.bundle or args.model or args.url
         if args.ray:  # each Ray worker loads the source itself
             scorer = None
-            counts = bs.score_items_ray(str(resolve(source, args.revision)) if not args.url else source, items,
+            counts = bs.score_items_ray(str(resolve(source, args.revision, args.local_files_only)) if not args.url else source, items,
                                         args.out, address=args.ray, resume=args.resume, batch_size=args.batch_size,
                                         workers=args.workers, dimensions=args.dimensions)
         else:
-            scorer = load_source(source, revision=args.revision)
+            scorer = load_source(source, revision=args.revision, local_files_only=args.local_files_only)
             counts = bs.score_items(scorer, items, args.out, resume=args.resume, batch_size=args.batch_size,
                                     workers=args.workers, dimensions=args.dimensions)
         rows = bs.read_rows(args.out)
@@ -105,7 +105,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        model = ZRewardModel.from_pretrained(args.model, device=args.device, revision=args.revision)
+        model = ZRewardModel.from_pretrained(args.model, device=args.device, revision=args.revision,
+                                             local_files_only=args.local_files_only)
         (scores,) = model.score([image], [args.prompt], dimensions=args.dimensions)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -123,7 +124,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = args.bundle or args.model
     try:
         report = evaluate(source, seed=args.seed, pairs=args.pairs, conflicts=args.conflicts,
-                          teacher=args.teacher, progress=True, revision=args.revision)
+                          teacher=args.teacher, progress=True, revision=args.revision,
+                          local_files_only=args.local_files_only)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -207,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         benchmark = json.loads(Path(args.benchmark).read_text()) if args.benchmark else None
-        result = export_bundle(resolve(args.model, args.revision), args.out, quantize=args.quantize, calib_dir=args.calib, gdn=args.gdn,
+        result = export_bundle(resolve(args.model, args.revision, args.local_files_only), args.out, quantize=args.quantize, calib_dir=args.calib, gdn=args.gdn,
                                force=args.force, num_pairs=args.pairs, overwrite=args.overwrite, benchmark=benchmark,
                                fallback=args.fallback)
     except ExportParityError as e:
@@ -272,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .hub import resolve
 
     try:
-        run_server(str(resolve(args.bundle, args.revision)), host=args.host, port=args.port, providers=args.providers,
+        run_server(str(resolve(args.bundle, args.revision, args.local_files_only)), host=args.host, port=args.port, providers=args.providers,
                    parallel_runs=args.parallel_runs, backend=args.backend, precision=args.precision, **config)
     except (BundleError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -313,6 +315,14 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
 REVISION_HELP = "with a hub repo id (owner/name) for --model/--bundle: the branch, tag or commit to load"
 
 
+def _add_hub_args(p: argparse.ArgumentParser) -> None:
+    """--revision and --local-files-only, for the commands that load a model or bundle by repo id."""
+    p.add_argument("--revision", help=REVISION_HELP)
+    p.add_argument("--local-files-only", action="store_true",
+                   help="with a hub repo id: read the hub cache only, never the network (as transformers' "
+                        "local_files_only; HF_HUB_OFFLINE=1 does the same)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zreward-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -337,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", help="write a PNG of each dimension's histogram of means")
     s.add_argument("--image-column", default="image")
     s.add_argument("--prompt-column", default="prompt")
-    s.add_argument("--revision", help=REVISION_HELP)
+    _add_hub_args(s)
     s.add_argument("--dimensions", nargs="+", choices=DIMENSIONS, default=None)
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -359,13 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairs", type=int, default=200, help="held-out synthetic pairs for the parity report")
     e.add_argument("--force", action="store_true", help="write the bundle even if it misses its parity thresholds")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
-    e.add_argument("--revision", help=REVISION_HELP)
+    _add_hub_args(e)
     e.add_argument("--benchmark", help="an `eval --json` report of the model, shown in the bundle's model card")
     e.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="serve a bundle over HTTP (FastAPI on uvicorn, dynamic batching)")
     sv.add_argument("--bundle", required=True, help="bundle directory or hub repo id")
-    sv.add_argument("--revision", help=REVISION_HELP)
+    _add_hub_args(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers (default: CPU)")
@@ -411,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--conflicts", type=int, default=None, help="conflict pairs (default: pairs / 4)")
     ev.add_argument("--teacher", action="store_true", help="the model is a reasoning teacher: reason, then score")
     ev.add_argument("--json", default=None, help="also write the full report to this JSON file")
-    ev.add_argument("--revision", help=REVISION_HELP)
+    _add_hub_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     rp = sub.add_parser("reproduce", help="run the whole method in miniature (cold start, GDSO, labelling, "

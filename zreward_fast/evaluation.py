@@ -77,9 +77,11 @@ class TeacherScorer:
                 "generated_tokens_per_image": per_dim * len(DIMENSIONS)}
 
 
-def load_source(source: Any, teacher: bool = False, revision: str | None = None, **kwargs: Any) -> Any:
+def load_source(source: Any, teacher: bool = False, revision: str | None = None, local_files_only: bool = False,
+                **kwargs: Any) -> Any:
     """Something with ``score(images, prompts, dimensions)`` for a directory or hub repo id (of a
-    model or bundle; ``revision`` pins the repo), a model, a scorer or the URL of a running server
+    model or bundle; ``revision`` pins the repo, ``local_files_only`` reads the hub cache only), a
+    model, a scorer or the URL of a running server
     (``kwargs`` go to the ``TeacherScorer`` with ``teacher``, or to the ``HTTPScorer`` of a URL)."""
     from .hub import resolve
     from .modeling import ZRewardModel
@@ -91,7 +93,7 @@ def load_source(source: Any, teacher: bool = False, revision: str | None = None,
     if kwargs and not teacher:
         raise TypeError(f"unexpected arguments {sorted(kwargs)} for a {type(source).__name__} source")
     if isinstance(source, (str, os.PathLike)):
-        path = resolve(source, revision)
+        path = resolve(source, revision, local_files_only)
         if (path / "manifest.json").is_file():
             from .runtime import Scorer
 

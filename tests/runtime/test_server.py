@@ -321,7 +321,7 @@ def test_run_server_builds_scorer_and_serves_on_loopback(monkeypatch):
     monkeypatch.setattr(runtime, "Scorer", fake_scorer)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("ZREWARD_API_KEY", "from-env")
-    run_server("some/bundle", port=8123, max_items=3, parallel_runs=2, backend="openvino", precision="bf16")
+    run_server("bundle-dir", port=8123, max_items=3, parallel_runs=2, backend="openvino", precision="bf16")
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["runs"] == 2
     assert seen["backend"] == "openvino" and seen["precision"] == "bf16"
     state = seen["app"].state.zreward

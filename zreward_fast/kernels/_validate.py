@@ -79,7 +79,9 @@ def check_values(token_ids: torch.Tensor, vocab: int, levels: torch.Tensor | Non
     flags = [srt[0], srt[-1], (srt[1:] == srt[:-1]).any().long()]
     if levels is not None:
         flags += [torch.isfinite(levels).all().long(), (levels[1:] > levels[:-1]).all().long()]
-    lo, hi, dup, finite, increasing = (torch.stack(flags).tolist() + [1, 1])[:5]
+    values = torch.stack(flags).tolist()
+    lo, hi, dup = values[:3]
+    finite, increasing = values[3:] or (1, 1)  # no levels: nothing to fail
     # A kernel would read outside the LM head otherwise.
     if lo < 0 or hi >= vocab:
         raise ValueError(f"token_ids must be in [0, V={vocab}), got min {lo} and max {hi}: {ids.tolist()}")
