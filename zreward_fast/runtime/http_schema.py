@@ -41,7 +41,8 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -159,6 +160,24 @@ def check_content_length(value: str | None, limit: int) -> int | None:
 
 def body_too_large(limit: int) -> HTTPError:
     return HTTPError(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+
+
+async def read_body(headers: Any, chunks: AsyncIterator[bytes], limit: int,
+                    disconnected: type[BaseException] | tuple[type[BaseException], ...] = ()) -> bytes:
+    """The request body, refused (413) on its Content-Length or as soon as the bytes read pass
+    ``limit`` (chunked or lying Content-Length). ``disconnected`` is the framework's "client left
+    mid-body" exception (starlette's ``ClientDisconnect``): a 400, not an unexpected 500."""
+    check_content_length(headers.get("content-length"), limit)
+    parts, size = [], 0
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise body_too_large(limit)
+            parts.append(chunk)
+    except disconnected:
+        raise HTTPError(400, "client_disconnected", "the client closed the connection mid-body") from None
+    return b"".join(parts)
 
 
 def _no_constants(name: str) -> Any:
@@ -389,6 +408,19 @@ def render_results(results: Sequence[Any], batched: bool) -> dict:
     if batched:
         return {"results": [{"scores": _result_json(r)} for r in results]}
     return {"scores": _result_json(results[0])}
+
+
+def render_outcomes(outcomes: Sequence[Any], batched: bool,
+                    on_internal_error: Callable[[BaseException], None] | None = None) -> dict:
+    """The response body for scored items, each a result or the exception that item raised: the
+    first failed item's :class:`HTTPError` is raised instead (``on_internal_error`` sees a 5xx's cause)."""
+    for i, out in enumerate(outcomes):
+        if isinstance(out, BaseException):
+            err = error_for_exception(out, f"items[{i}]" if batched else None)
+            if err.status >= 500 and on_internal_error is not None:
+                on_internal_error(out)
+            raise err
+    return render_results(outcomes, batched)
 
 
 def error_for_exception(exc: BaseException, where: str | None = None) -> HTTPError:

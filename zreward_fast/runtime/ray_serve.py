@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 from typing import Any, Callable
 
 from ..checks import positive_int
@@ -30,17 +31,21 @@ from .batcher import score_isolating
 from .http_schema import (
     HTTPError,
     RequestLimits,
-    body_too_large,
     check_api_key,
-    check_content_length,
     check_content_type,
     decode_request,
     error_body,
-    error_for_exception,
-    render_results,
+    read_body,
+    render_outcomes,
     response_headers,
     scorer_bucket,
 )
+
+logger = logging.getLogger(__name__)
+
+
+def _log_internal_error(exc: BaseException) -> None:
+    logger.error("scoring failed", exc_info=exc)
 
 
 def _make_deployment(max_batch_size: int, batch_wait_timeout_s: float) -> Any:
@@ -111,31 +116,16 @@ def _make_deployment(max_batch_size: int, batch_wait_timeout_s: float) -> Any:
             except HTTPError as e:
                 return JSONResponse(e.body(), status_code=e.status, headers=response_headers(e))
             except Exception:  # a bug or a broken model, never bad input
-                import logging
-
-                logging.getLogger(__name__).exception("unexpected error while scoring")
+                logger.exception("unexpected error while scoring")
                 return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
         async def _score_http(self, request: Request) -> JSONResponse:
             check_content_type(request.headers.get("content-type"))
-            check_content_length(request.headers.get("content-length"), self.limits.max_body_bytes)
-            chunks, size = [], 0
-            try:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > self.limits.max_body_bytes:
-                        raise body_too_large(self.limits.max_body_bytes)
-                    chunks.append(chunk)
-            except ClientDisconnect:  # as the FastAPI server does: a 4xx, not an unexpected 500
-                raise HTTPError(400, "client_disconnected", "the client closed the connection mid-body") from None
-            req = await asyncio.to_thread(decode_request, b"".join(chunks), self.limits, self.dimensions, self.bucket)
+            body = await read_body(request.headers, request.stream(), self.limits.max_body_bytes, ClientDisconnect)
+            req = await asyncio.to_thread(decode_request, body, self.limits, self.dimensions, self.bucket)
             answers = await asyncio.gather(*(self.score_one(im, p, req.dimensions) for im, p in zip(req.images, req.prompts)))
-            results = []
-            for i, (ok, value) in enumerate(answers):
-                if not ok:
-                    raise error_for_exception(value, f"items[{i}]" if req.batched else None)
-                results.append(value)
-            return JSONResponse(render_results(results, req.batched))
+            outcomes = [value for _, value in answers]  # a failed item's value is its exception
+            return JSONResponse(render_outcomes(outcomes, req.batched, _log_internal_error))
 
     return serve.deployment(ZRewardScorer)
 

@@ -47,14 +47,13 @@ from .batcher import BatcherError, BatchInfo, DynamicBatcher
 from .http_schema import (
     HTTPError,
     RequestLimits,
-    body_too_large,
     check_api_key,
-    check_content_length,
     check_content_type,
     decode_request,
     error_body,
     error_for_exception,
-    render_results,
+    read_body,
+    render_outcomes,
     response_headers,
     scorer_bucket,
 )
@@ -262,18 +261,7 @@ class _State:
             raise HTTPError(503, "not_ready", "the scoring workers are not running; see the server log")
 
     async def read_body(self, request: Request) -> bytes:
-        limit = self.limits.max_body_bytes
-        check_content_length(request.headers.get("content-length"), limit)
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:  # chunked or lying Content-Length: stop reading at the limit
-                    raise body_too_large(limit)
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise HTTPError(400, "client_disconnected", "the client closed the connection mid-body") from None
-        return b"".join(chunks)
+        return await read_body(request.headers, request.stream(), self.limits.max_body_bytes, ClientDisconnect)
 
     async def score(self, request: Request) -> Response:
         self.check_auth(request)
@@ -304,13 +292,7 @@ class _State:
             outs = scoring.result()
         except BatcherError as e:  # queue full (429), timed out (504), closing (503)
             raise error_for_exception(e) from None
-        for i, out in enumerate(outs):
-            if isinstance(out, BaseException):
-                err = error_for_exception(out, f"items[{i}]" if req.batched else None)
-                if err.status >= 500:
-                    logger.error("scoring failed", exc_info=out)
-                raise err
-        return JSONResponse(render_results(outs, req.batched))
+        return JSONResponse(render_outcomes(outs, req.batched, lambda e: logger.error("scoring failed", exc_info=e)))
 
 
 async def _disconnected(request: Request) -> None:
