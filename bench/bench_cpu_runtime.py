@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.pop("TRITON_INTERPRET", None)  # the torch path must be plain eager, not the interpreter
 
-from common import device_name, quantile  # noqa: E402
+from common import device_name, pyplot, quantile, save_figure  # noqa: E402
 
 
 PAUSE_S = 0.05
@@ -185,10 +185,7 @@ def main() -> int:
 
 
 def _plot(rows, tkey, path, what):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     names = [r["impl"] for r in rows]
@@ -198,9 +195,7 @@ def _plot(rows, tkey, path, what):
     ax[1].set_ylabel(tkey.replace("_", " "))
     for a in ax:
         a.tick_params(axis="x", rotation=60, labelsize=7)
-    fig.suptitle(f"{what} on CPU: transformers eager vs ONNX bundles")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, f"{what} on CPU: transformers eager vs ONNX bundles")
 
 
 if __name__ == "__main__":

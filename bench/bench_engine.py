@@ -36,17 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import pyplot, save_figure  # noqa: E402
 
-TEXT_9B = dict(
-    hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
-    head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
-    linear_num_key_heads=16, linear_num_value_heads=32, max_position_embeddings=32768,
-    rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
-                     "mrope_section": [11, 11, 10], "mrope_interleaved": True},
-)
-VISION_9B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
-                 spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304)
-VOCAB_9B = 248320
 CSV_FIELDS = ["impl", "device", "dtype", "positions", "seq_bucket", "gdn", "b1_ms_median", "b1_ms_p99",
               "b16_images_per_s", "b64_images_per_s", "b1_speedup", "b16_speedup", "b64_speedup",
               "mean_abs_dmu_vs_eager", "mean_abs_dmu_vs_fp32", "warmup_s", "note"]
@@ -85,19 +76,18 @@ def build_student(cpu_smoke: bool):
     from zreward_fast import ZRewardModel, add_score_tokens
     from zreward_fast.processing import ZRewardProcessor
     from zreward_fast.prompting import CHAT_SPECIAL_TOKENS
-    from zreward_fast.testing import tiny_config, tiny_model, tiny_tokenizer
+    from zreward_fast.testing import real_config, spread_score_rows, tiny_model, tiny_tokenizer
 
     if cpu_smoke:
         return ZRewardModel(*tiny_model(0))
     tokenizer = tiny_tokenizer()
     add_score_tokens(tokenizer)  # tokenizer only: the model keeps its 248320-row vocabulary
     vocab = tokenizer.get_vocab()
-    config = tiny_config(VOCAB_9B, {t: vocab[t] for t in CHAT_SPECIAL_TOKENS}, text=dict(TEXT_9B), vision=dict(VISION_9B))
+    config = real_config("9B", special_ids={t: vocab[t] for t in CHAT_SPECIAL_TOKENS})
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen3_5ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():  # spread-out score rows, as testing.tiny_model does (std 4 / sqrt(hidden))
-        model.lm_head.weight.normal_(0.0, 4.0 / math.sqrt(config.text_config.hidden_size))
+    spread_score_rows(model, config.text_config.hidden_size)  # spread-out scores, as the test models'
     processor = ZRewardProcessor(tokenizer, image_size=448)
     return ZRewardModel(model.eval(), processor)
 
@@ -319,10 +309,7 @@ def profile_engine(rm, args, images, prompts, path: Path) -> None:
 
 
 def _plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if r.get("b1_ms_median")]
     if not rows:
@@ -340,10 +327,7 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
     ax[1].legend()
     for a in ax:
         a.tick_params(axis="x", rotation=12)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,13 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
-    DTYPES, SHORT, Timer, add_roofline, add_speedups, graph_rows, pick_impls, print_table, results_dir,
-    start_kernel_bench, timing_fields, write_results,
+    DTYPES, SHORT, Timer, max_abs_diff, add_output_args, add_roofline, add_speedups, graph_rows, pick_impls, print_table, results_dir,
+    start_kernel_bench, time_row, write_results,
 )
 from common import device_name as _device_name  # noqa: E402
 CSV_FIELDS = ["impl", "P", "G", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90", "speedup_vs_eager", "note"]
@@ -53,9 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impls", default="all", help="comma list of eager,compile,triton,triton-kernel")
     p.add_argument("--no-interpret", action="store_true",
                    help="CPU: skip the Triton interpreter correctness smoke")
-    p.add_argument("--no-graph", action="store_true",
-                   help="GPU: skip the CUDA-graph replay rows (eager, compile, triton-kernel timed without launch gaps)")
-    p.add_argument("--out-dir", default=None)
+    add_output_args(p)
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the interpreter child
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
@@ -113,7 +110,7 @@ def _smoke(P, G, K) -> int:
         out = fn(z, t, lv, **HP)
         res.append((out, torch.autograd.grad(list(out[:3]), z, grads)[0]))
     (o1, g1), (o2, g2) = res
-    eo = max((a - b).abs().max().item() for a, b in zip(o1, o2))
+    eo = max_abs_diff(o1, o2)
     eg = (g1 - g2).abs().max().item()
     print(f"interpreter correctness smoke at P={P} G={G} K={K} fp32 (not a timing): "
           f"max|out-ref|={eo:.1e} max|grad-ref|={eg:.1e}")
@@ -138,6 +135,7 @@ def main(argv=None) -> int:
     P, G, K = args.P, args.G, args.K
     impls = pick_impls(args.impls, ["eager", "compile", "triton", "triton-kernel"])
     out_dir = results_dir(args.out_dir, dev)
+    timer = Timer(dev)
 
     print(f"GDSO loss fwd+bwd  P={P} G={G} K={K} {short} on {device_name}  torch {torch.__version__}", flush=True)
     z, t, lv, grads = make_inputs(P, G, K, dtype, dev)
@@ -171,24 +169,11 @@ def main(argv=None) -> int:
             fn = zk.gdso_loss if impl == "triton" else zk._gdso_kernels.gdso_loss_triton
         else:
             raise SystemExit(f"unknown impl {impl!r}")
-        try:
-            t0 = time.perf_counter()
-            out = step(fn)  # first call: compiles; also the correctness check
-            first_s = time.perf_counter() - t0
-            err = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, ref_out))
-            times, _ = Timer(dev).time(lambda: step(fn), args.repeats, args.warmup)
-        except Exception as e:  # noqa: BLE001 - record the failure and move on
-            msg = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-            row["note"] = msg
-            rows.append(row)
-            print(f"  {impl:14s} {msg}", flush=True)
-            continue
-        row.update(**timing_fields(times), note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
         rows.append(row)
-        fns[impl] = lambda fn=fn: step(fn)
-        print(f"  {impl:14s} {row['ms_median']:10.4f} ms", flush=True)
+        if time_row(row, lambda fn=fn: step(fn), ref_out, timer, args.repeats, args.warmup, width=14):
+            fns[impl] = lambda fn=fn: step(fn)
     if gpu and not args.no_graph:  # the public op syncs once a call to validate: not capturable
-        graph_rows(rows, fns, ["eager", "compile", "triton-kernel"], Timer(dev), args.repeats)
+        graph_rows(rows, fns, ["eager", "compile", "triton-kernel"], timer, args.repeats)
 
     add_speedups(rows, "eager", "speedup_vs_eager")
     # the op's floor: the [P, 2, G, K] logits read and their grad written, the pairwise |mu_i - mu_j|

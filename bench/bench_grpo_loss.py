@@ -40,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
-    DTYPES, SHORT, Timer, add_roofline, add_speedups, device_name, pick_impls, print_table, results_dir, start_kernel_bench,
-    timing_fields, write_results,
+    DTYPES, SHORT, Timer, max_abs_diff, add_roofline, add_speedups, device_name, error_note, pick_impls, print_table, results_dir,
+    start_kernel_bench, timing_fields, write_results, add_output_args,
 )
 CSV_FIELDS = ["impl", "B", "T", "H", "V", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_extra_mb", "speedup_vs_eager", "note"]
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--weight-grad", choices=["yes", "no"], default="yes",
                    help="whether the LM head needs a gradient (no: a frozen head, e.g. LoRA)")
-    p.add_argument("--out-dir", default=None)
+    add_output_args(p, graph=False)
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     a.B = a.B or (16 if gpu else 4)
@@ -120,11 +120,6 @@ def make_inputs(B, T, H, V, dtype, device, temperature, weight_grad, seed=0):
     old = lp - (torch.rand(B, T, **kw) * 0.6 - 0.3)
     ref = lp + 0.1 * torch.randn(B, T, **kw)
     return hidden, weight, ids, mask, adv, old, ref
-
-
-def _err_msg(e: BaseException) -> str:
-    s = str(e).strip()
-    return f"{type(e).__name__}: {s.splitlines()[0][:160] if s else ''}"
 
 
 def main(argv=None) -> int:
@@ -256,7 +251,7 @@ def main(argv=None) -> int:
                 note.append(f"C={c} ({math.ceil(B * T / c)} chunks), fp32-out logits GEMM: {grpo_mod.FP32_OUT_GEMM}")
         except Exception as e:  # noqa: BLE001 - record the failure (OOM included) and move on
             out = None
-            row["note"] = f"{prefix}; failed: {_err_msg(e)}"
+            row["note"] = f"{prefix}; failed: {error_note(e)}"
             rows.append(row)
             print(f"  {name:16s} {row['note']}", flush=True)
             _free(torch, gpu)
@@ -304,7 +299,7 @@ def interpreter_smoke(zk, reference, torch) -> str:
         loss, lp = fn(hidden, weight, ids, mask, adv, old, ref, clip_eps=0.2, beta=0.04, temperature=0.7)
         res.append((loss, lp, torch.autograd.grad(loss, (hidden, weight))))
     (l1, lp1, g1), (l2, lp2, g2) = res
-    eg = max((a - b).abs().max().item() for a, b in zip(g1, g2))
+    eg = max_abs_diff(g1, g2)
     return (f"interpreter correctness smoke at B={B} T={T} H={H} V={V} fp32 (not a timing): "
             f"|dloss|={abs(l1.item() - l2.item()):.1e} max|dlp|={(lp1 - lp2).abs().max().item():.1e} "
             f"max|dgrad|={eg:.1e}")

@@ -34,14 +34,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    DTYPES, SHORT, add_roofline, add_score_rows_args, Timer, add_speedups, device_name, graph_rows, pick_impls, print_table,
-    results_dir, start_kernel_bench, timing_fields, write_results,
+    SHORT, Timer, add_output_args, add_roofline, add_score_rows_args, add_speedups, device_name, fill_score_rows_defaults,
+    graph_rows, max_abs_diff, pick_impls, print_table, results_dir, start_kernel_bench, time_row, variant_style,
+    write_results,
 )
 
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "weight", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
@@ -62,17 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interpret", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: run the Triton kernels under TRITON_INTERPRET=1 at a tiny shape "
                         "(correctness smoke, not performance); default on for cpu")
-    p.add_argument("--no-graph", action="store_true",
-                   help="GPU: skip the CUDA-graph replay rows (the gathered, compiled and kernel rows without launch gaps)")
-    p.add_argument("--out-dir", default=None)
+    add_output_args(p)
     a = p.parse_args(argv)
-    gpu = a.device.startswith("cuda")
-    a.N = a.N or (4096 if gpu else 1024)
-    a.H = a.H or (4096 if gpu else 1024)
-    a.V = a.V or (248320 if gpu else 32000)
-    a.dtype = DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
-    a.repeats = a.repeats or (50 if gpu else 5)
-    a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 1)
+    gpu = fill_score_rows_defaults(a)
     a.interpret = (not gpu) if a.interpret is None else (a.interpret and not gpu)
     return a
 
@@ -122,7 +114,9 @@ def main(argv=None) -> int:
     short = SHORT[args.dtype]
     modes = ["head", "k-rows"] if args.weight == "both" else [args.weight]
     rows: list[dict] = []
-    compiled = None
+    by_impl = {"eager-full-logits": eager_full_logits, "eager-gathered": reference.risd_loss,
+               "compile-gathered": torch.compile(reference.risd_loss), "triton": zk.risd_loss,
+               "triton-kernel": zk._risd_kernels and zk._risd_kernels.risd_loss_triton}
 
     print(f"RISD loss fwd+bwd ({args.reduction})  N={args.N} H={args.H} V={args.V} K={args.K} {short} "
           f"on {dname}  torch {torch.__version__}", flush=True)
@@ -143,48 +137,17 @@ def main(argv=None) -> int:
         print(f" weight={mode} (V={v})", flush=True)
         start, fns = len(rows), {}
         for impl in impls:
+            if (impl == "eager-full-logits" and mode == "k-rows") or (impl == "triton-kernel" and not gpu):
+                continue  # V = K: the full logits are the gathered ones; the smoke covers both Triton rows
             row = dict(impl=impl, N=args.N, H=args.H, V=v, K=args.K, weight=mode, dtype=short, device=dname)
-            fn = None
-            if impl == "eager-full-logits":
-                if mode == "k-rows":
-                    continue  # V = K: the full logits are the gathered ones
-                fn = eager_full_logits
-            elif impl == "eager-gathered":
-                fn = reference.risd_loss
-            elif impl == "compile-gathered":
-                compiled = compiled or torch.compile(reference.risd_loss)
-                fn = compiled
-            elif not gpu:
-                if impl == "triton-kernel":
-                    continue  # the smoke below covers both Triton rows
+            rows.append(row)
+            if impl.startswith("triton") and not gpu:
                 row["note"] = "skipped: Triton needs a GPU (the interpreter is not a timing)"
                 if args.interpret and mode == modes[0]:
                     row.update(interpreter_smoke(zk, reference, torch))
-                rows.append(row)
                 print(f"  {impl:18s} {row['note']}", flush=True)
-                continue
-            elif impl == "triton":
-                fn = zk.risd_loss
-            else:
-                from zreward_fast.kernels.risd import risd_loss_triton
-
-                fn = risd_loss_triton
-            try:
-                t0 = time.perf_counter()
-                loss = step(fn)  # first call: compiles/autotunes; also the correctness check
-                first_s = time.perf_counter() - t0
-                err = (loss.float() - ref_loss.float()).abs().max().item()
-                times, peak = timer.time(lambda: step(fn), args.repeats, args.warmup)
-            except Exception as e:  # noqa: BLE001 - record the failure and move on
-                lines = str(e).strip().splitlines()
-                row["note"] = f"failed: {type(e).__name__}: {lines[0][:160] if lines else ''}"
-                rows.append(row)
-                print(f"  {impl:18s} {row['note']}", flush=True)
-                continue
-            row.update(**timing_fields(times), peak_mem_mb=peak, note=f"max|loss-ref|={err:.1e}; first call {first_s:.1f}s")
-            rows.append(row)
-            fns[impl] = lambda fn=fn: step(fn)
-            print(f"  {impl:18s} {row['ms_median']:10.3f} ms", flush=True)
+            elif time_row(row, lambda fn=by_impl[impl]: step(fn), ref_loss, timer, args.repeats, args.warmup):
+                fns[impl] = lambda fn=by_impl[impl]: step(fn)
         if gpu and not args.no_graph:  # the public op checks each teacher batch with a host sync: not capturable
             graph_rows(rows, fns, ["eager-gathered", "compile-gathered", "triton-kernel"], timer, args.repeats, start)
         del hidden, weight, bias, teacher, params, ref_loss, fns
@@ -200,8 +163,7 @@ def main(argv=None) -> int:
     print_table(rows, keys=("impl", "weight", "V"), speedup_key=SPEEDUP)
     write_results(rows, out_dir, "risd_loss", CSV_FIELDS,
                   f"RISD loss fwd+bwd ({args.reduction}): N={args.N} H={args.H} V={args.V} K={args.K} {short}, {dname}",
-                  label=lambda r: f"{r['impl']}\n(weight {r['weight']})",
-                  color=lambda r: "#4C72B0" if r["weight"] == "head" else "#DD8452", speedup_key=SPEEDUP)
+                  speedup_key=SPEEDUP, **variant_style("weight", "head", "weight"))
     return 0
 
 
@@ -221,7 +183,7 @@ def interpreter_smoke(zk, reference, torch) -> dict:
                 res.append((loss, torch.autograd.grad(loss, (hidden, weight, bias), g)))
             (l1, g1), (l2, g2) = res
             e_loss = max(e_loss, (l1 - l2).abs().max().item())
-            e_grad = max(e_grad, max((a - b).abs().max().item() for a, b in zip(g1, g2)))
+            e_grad = max(e_grad, max_abs_diff(g1, g2))
     return {"note": f"interpreter correctness smoke at N={n} H={h} V={v} and V=K, K={k}, fp32, 3 reductions "
                     f"(not a timing): max|loss-ref|={e_loss:.1e} max|grad-ref|={e_grad:.1e}"}
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import (  # noqa: E402
-    DTYPES, SHORT, add_roofline, add_score_rows_args, Timer, add_speedups, device_name, graph_rows, pick_impls, print_table,
-    results_dir, start_kernel_bench, timing_fields, write_results,
+    SHORT, Timer, add_output_args, add_roofline, add_score_rows_args, add_speedups, device_name, fill_score_rows_defaults,
+    graph_rows, max_abs_diff, pick_impls, print_table, results_dir, start_kernel_bench, time_row, variant_style,
+    write_results,
 )
 CSV_FIELDS = ["impl", "N", "H", "V", "K", "dtype", "device", "ms_median", "ms_p10", "ms_p90",
               "peak_mem_mb", "speedup_vs_gathered_eager", "weight_grad", "note"]
@@ -48,17 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma list of eager-full-logits,eager-gathered,compile-gathered,triton,triton-kernel")
     p.add_argument("--interpret", action="store_true",
                    help="CPU: run the Triton kernels under TRITON_INTERPRET=1 at a tiny shape (smoke, not perf)")
-    p.add_argument("--no-graph", action="store_true",
-                   help="GPU: skip the CUDA-graph replay rows (the gathered, compiled and Triton rows without launch gaps)")
-    p.add_argument("--out-dir", default=None)
+    add_output_args(p)
     a = p.parse_args(argv)
-    gpu = a.device.startswith("cuda")
-    a.N = a.N or (4096 if gpu else 1024)
-    a.H = a.H or (4096 if gpu else 1024)
-    a.V = a.V or (248320 if gpu else 32000)
-    a.dtype = DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
-    a.repeats = a.repeats or (50 if gpu else 5)
-    a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 1)
+    gpu = fill_score_rows_defaults(a)
     a.weight_grad = a.weight_grad or ("both" if gpu else "yes")
     return a
 
@@ -132,47 +124,19 @@ def main(argv=None) -> int:
                         weight_grad="yes" if wg else "no")
 
         start, fns = len(rows), {}
+        by_impl = {"eager-full-logits": eager_full_logits, "eager-gathered": reference.score_head,
+                   "compile-gathered": torch.compile(reference.score_head), "triton": zk.score_head,
+                   "triton-kernel": zk._score_head_kernels and zk._score_head_kernels.score_head_triton}
         for impl in impls:
             row = base_row(impl)
-            fn = None
-            if impl == "eager-full-logits":
-                fn = eager_full_logits
-            elif impl == "eager-gathered":
-                fn = reference.score_head
-            elif impl == "compile-gathered":
-                fn = torch.compile(reference.score_head)
-            elif impl in ("triton", "triton-kernel"):
-                if not gpu:
-                    row["note"] = "skipped: Triton needs a GPU (--interpret runs a CPU smoke test instead)"
-                    if args.interpret and impl == "triton":
-                        row.update(interpreter_smoke(zk, reference, torch))
-                    rows.append(row)
-                    print(f"  {impl:18s} {row['note']}", flush=True)
-                    continue
-                if impl == "triton":
-                    fn = zk.score_head
-                else:
-                    from zreward_fast.kernels.fused_score_head import score_head_triton
-
-                    fn = score_head_triton
-            else:
-                raise SystemExit(f"unknown impl {impl!r}")
-            try:
-                t0 = time.perf_counter()
-                out = step(fn)  # first call: compiles/autotunes; also the correctness check
-                first_s = time.perf_counter() - t0
-                err = max((a.float() - b.float()).abs().max().item() for a, b in zip(out, ref_out))
-                times, peak = timer.time(lambda: step(fn), args.repeats, args.warmup)
-            except Exception as e:  # noqa: BLE001 - record the failure and move on
-                msg = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-                row["note"] = msg
-                rows.append(row)
-                print(f"  {impl:18s} {msg}", flush=True)
-                continue
-            row.update(**timing_fields(times), peak_mem_mb=peak, note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
             rows.append(row)
-            fns[impl] = lambda fn=fn: step(fn)
-            print(f"  {impl:18s} {row['ms_median']:10.3f} ms", flush=True)
+            if impl.startswith("triton") and not gpu:
+                row["note"] = "skipped: Triton needs a GPU (--interpret runs a CPU smoke test instead)"
+                if args.interpret and impl == "triton":
+                    row.update(interpreter_smoke(zk, reference, torch))
+                print(f"  {impl:18s} {row['note']}", flush=True)
+            elif time_row(row, lambda fn=by_impl[impl]: step(fn), ref_out, timer, args.repeats, args.warmup):
+                fns[impl] = lambda fn=by_impl[impl]: step(fn)
         if gpu and not args.no_graph:  # the public op last: its id/level checks must be cached to capture
             graph_rows(rows, fns, ["eager-gathered", "compile-gathered", "triton-kernel", "triton"], timer,
                        args.repeats, start)
@@ -188,8 +152,7 @@ def main(argv=None) -> int:
     print_table(rows, keys=("impl", "weight_grad"), speedup_key=SPEEDUP)
     write_results(rows, out_dir, "score_head", CSV_FIELDS,
                   f"score head fwd+bwd: N={args.N} H={args.H} V={args.V} K={args.K} {short}, {device_name(dev)}",
-                  label=lambda r: f"{r['impl']}\n(W grad {r['weight_grad']})",
-                  color=lambda r: "#4C72B0" if r["weight_grad"] == "yes" else "#DD8452", speedup_key=SPEEDUP)
+                  speedup_key=SPEEDUP, **variant_style("weight_grad", "yes", "W grad"))
     return 0
 
 
@@ -206,8 +169,7 @@ def interpreter_smoke(zk, reference, torch) -> dict:
         grads = [torch.randn(o.shape, generator=g) for o in out]
         res.append((out, torch.autograd.grad(list(out), (hidden, weight, bias), grads)))
     (o1, g1), (o2, g2) = res
-    eo = max((a - b).abs().max().item() for a, b in zip(o1, o2))
-    eg = max((a - b).abs().max().item() for a, b in zip(g1, g2))
+    eo, eg = max_abs_diff(o1, o2), max_abs_diff(g1, g2)
     return {"note": f"interpreter correctness smoke at N={n} H={h} V={v} K={k} fp32 (not a timing): "
                     f"max|out-ref|={eo:.1e} max|grad-ref|={eg:.1e}"}
 

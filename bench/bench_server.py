@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from common import pyplot, save_figure  # noqa: E402
 
 CSV_FIELDS = ["mode", "concurrency", "requests", "errors", "seconds", "rps", "p50_ms", "p99_ms", "mean_batch",
               "scorer", "device", "note"]
@@ -249,10 +250,7 @@ def main(argv=None) -> int:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"direct": "#4C72B0", "batcher": "#55A868", "http": "#DD8452"}
@@ -271,10 +269,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     ax_lat.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,26 @@ def add_score_rows_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
 
 
+def fill_score_rows_defaults(a: argparse.Namespace) -> bool:
+    """Fill the per-device defaults of :func:`add_score_rows_args`; returns whether it is a GPU run."""
+    gpu = a.device.startswith("cuda")
+    a.N = a.N or (4096 if gpu else 1024)
+    a.H = a.H or (4096 if gpu else 1024)
+    a.V = a.V or (248320 if gpu else 32000)
+    a.dtype = DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
+    a.repeats = a.repeats or (50 if gpu else 5)
+    a.warmup = a.warmup if a.warmup is not None else (5 if gpu else 1)
+    return gpu
+
+
+def add_output_args(p: argparse.ArgumentParser, graph: bool = True) -> None:
+    """``--out-dir`` and, for the kernel benchmarks, ``--no-graph``."""
+    if graph:
+        p.add_argument("--no-graph", action="store_true",
+                       help="GPU: skip the CUDA-graph replay rows (the capturable rows timed again without launch gaps)")
+    p.add_argument("--out-dir", default=None, help="default: bench/results/<device-name>/")
+
+
 def pick_impls(spec: str, known: Sequence[str]) -> list[str]:
     """``"all"`` or a comma list of implementations, each one of ``known``."""
     impls = list(known) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
@@ -205,6 +225,33 @@ def add_roofline(rows: list[dict], bytes_moved: float, flops: float) -> None:
             r["x_floor"] = r["ms_median"] / floor
 
 
+def error_note(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, for a row's note."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
+
+
+def time_row(row: dict, step, ref, timer: Timer, repeats: int, warmup: int, width: int = 18):
+    """Time ``step()`` into ``row``: its first call (compiles, autotunes) is checked against ``ref``
+    (a tensor or a sequence of them; the max |difference| goes in the note), then ``warmup`` untimed
+    and ``repeats`` timed calls. A failure goes in the note instead of stopping the run. Returns
+    ``step``, or None when it failed."""
+    try:
+        t0 = time.perf_counter()
+        out = step()
+        first_s = time.perf_counter() - t0
+        outs, refs = (out, ref) if isinstance(out, (tuple, list)) else ((out,), (ref,))
+        err = max_abs_diff([a.float() for a in outs], [b.float() for b in refs])
+        times, peak = timer.time(step, repeats, warmup)
+    except Exception as e:  # noqa: BLE001 - record the failure and move on
+        row["note"] = "failed: " + error_note(e)
+        print(f"  {row['impl']:{width}s} {row['note']}", flush=True)
+        return None
+    row.update(**timing_fields(times), peak_mem_mb=peak, note=f"max|out-ref|={err:.1e}; first call {first_s:.1f}s")
+    print(f"  {row['impl']:{width}s} {row['ms_median']:10.4f} ms", flush=True)
+    return step
+
+
 def timing_fields(times: list[float]) -> dict:
     return {"ms_median": statistics.median(times), "ms_p10": quantile(times, 0.1), "ms_p90": quantile(times, 0.9)}
 
@@ -227,7 +274,7 @@ def graph_rows(rows: list[dict], fns: dict, impls: Sequence[str], timer: Timer, 
                        note="CUDA graph replay: GPU time, no Python or launch gaps")
             print(f"  {row['impl']:22s} {row['ms_median']:10.4f} ms", flush=True)
         except Exception as e:  # noqa: BLE001 - an op that cannot be captured keeps its plain row
-            row["note"] = f"graph capture failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:140]}"
+            row["note"] = "graph capture failed: " + error_note(e, 140)
             print(f"  {row['impl']:22s} {row['note']}", flush=True)
         rows.append(row)
 
@@ -277,14 +324,41 @@ def print_table(rows: list[dict], keys: Sequence[str] = ("impl",), speedup_key: 
               f"790 TFLOP/s, whichever is longer)")
 
 
-def plot_rows(rows: list[dict], path: Path, title: str, label=None, color=None,
-              speedup_key: str = "speedup_vs_eager", mem_key: str = "peak_mem_mb") -> None:
-    """Bars of the median time (p10-p90 whiskers, log scale, speedups written above), a second
-    panel of peak extra memory when measured, and the untimed rows' notes underneath."""
+def variant_style(key: str, first, what: str) -> dict:
+    """``label`` and ``color`` for :func:`plot_rows` when the rows come in two variants of
+    ``row[key]``: the variant in each bar's label (``what value``), ``first`` blue, the other orange."""
+    return dict(label=lambda r: f"{r['impl']}\n({what} {r[key]})",
+                color=lambda r: "#4C72B0" if r[key] == first else "#DD8452")
+
+
+def max_abs_diff(xs, ys) -> float:
+    """The largest |x - y| over pairs of tensors."""
+    return max((a - b).abs().max().item() for a, b in zip(xs, ys))
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg back end (files, no display); ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, title: str, fontsize: float | None = None, dpi: int = 120, rect=None) -> None:
+    """Title, tight layout, write ``path`` and close the figure."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def plot_rows(rows: list[dict], path: Path, title: str, label=None, color=None,
+              speedup_key: str = "speedup_vs_eager", mem_key: str = "peak_mem_mb") -> None:
+    """Bars of the median time (p10-p90 whiskers, log scale, speedups written above), a second
+    panel of peak extra memory when measured, and the untimed rows' notes underneath."""
+    plt = pyplot()
 
     label = label or (lambda r: r["impl"])
     color = color or (lambda r: "#55A868" if r["impl"].startswith("triton") else "#4C72B0")
@@ -315,18 +389,12 @@ def plot_rows(rows: list[dict], path: Path, title: str, label=None, color=None,
     skipped = [f"{label(r)}: {r.get('note', '')}".replace("\n", " ") for r in rows if r.get("ms_median") is None]
     if skipped:
         fig.text(0.01, 0.01, "\n".join(s[:160] for s in skipped), fontsize=6, va="bottom")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.04 * len(skipped), 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=9, dpi=130, rect=(0, 0.04 * len(skipped), 1, 1))
 
 
 def plot_bars(rows: list[dict], path: Path, title: str, key: str, ylabel: str, label=None) -> None:
     """One bar per row of ``row[key]`` (rows without it left out), the value written above."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     label = label or (lambda r: r["impl"])
     shown = [r for r in rows if r.get(key) is not None]
@@ -336,10 +404,7 @@ def plot_bars(rows: list[dict], path: Path, title: str, key: str, ylabel: str, l
         ax.text(b.get_x() + b.get_width() / 2, b.get_height(), f"{r[key]:.3g}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(shown)), [label(r) for r in shown], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=9, dpi=130)
 
 
 def write_results(rows: list[dict], out_dir: Path, stem: str, fields: Sequence[str], title: str, plot=None,

@@ -27,23 +27,17 @@ _COMMON_VISION: dict[str, Any] = dict(patch_size=16, spatial_merge_size=2, tempo
 TOKEN_IDS = {"image_token_id": 248_056, "video_token_id": 248_057, "vision_start_token_id": 248_053,
              "vision_end_token_id": 248_054}
 
-# name -> (text widths, vision widths, tied embeddings)
-_SIZES: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
-    "0.8B": (dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
-                  num_key_value_heads=2, linear_num_value_heads=16),
-             dict(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12, out_hidden_size=1024), True),
-    "2B": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=8,
-                num_key_value_heads=2, linear_num_value_heads=16),
-           dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048), True),
-    "4B": (dict(hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
-                num_key_value_heads=4, linear_num_value_heads=32),
-           dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560), True),
-    "9B": (dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
-                num_key_value_heads=4, linear_num_value_heads=32),
-           dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096), False),
-    "27B": (dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24,
-                 num_key_value_heads=4, linear_num_value_heads=48),
-            dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=5120), False),
+_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "linear_num_value_heads")
+_VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads")
+# name: text (hidden, MLP, layers, attention heads, KV heads, GDN value heads), vision (depth, hidden,
+# MLP, heads; the merger projects to the text width), tied embeddings
+_SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {
+    "0.8B": ((1024, 3584, 24, 8, 2, 16), (12, 768, 3072, 12), True),
+    "2B": ((2048, 6144, 24, 8, 2, 16), (24, 1024, 4096, 16), True),
+    "4B": ((2560, 9216, 32, 16, 4, 32), (24, 1024, 4096, 16), True),
+    "9B": ((4096, 12288, 32, 16, 4, 32), (27, 1152, 4304, 16), False),
+    "27B": ((5120, 17408, 64, 24, 4, 48), (27, 1152, 4304, 16), False),
 }
 SIZES = tuple(_SIZES)
 
@@ -78,11 +72,12 @@ def size_spec(name: str) -> dict[str, Any]:
     """``{"text": ..., "vision": ..., "tie_word_embeddings": ..., "sources": ...}`` of a published size."""
     if name not in _SIZES:
         raise ValueError(f"unknown Qwen3.5 size {name!r}; known: {', '.join(SIZES)}")
-    text, vision, tied = _SIZES[name]
-    text = dict(_COMMON_TEXT, **text, tie_word_embeddings=tied)
+    text_widths, vision_widths, tied = _SIZES[name]
+    text = dict(_COMMON_TEXT, **dict(zip(_TEXT_FIELDS, text_widths)), tie_word_embeddings=tied)
+    vision = dict(_COMMON_VISION, **dict(zip(_VISION_FIELDS, vision_widths)), out_hidden_size=text["hidden_size"])
     text["rope_parameters"] = dict(text["rope_parameters"])
     text["layer_types"] = layer_types(text["num_hidden_layers"])
-    return {"text": text, "vision": dict(_COMMON_VISION, **vision), "tie_word_embeddings": tied,
+    return {"text": text, "vision": vision, "tie_word_embeddings": tied,
             "token_ids": dict(TOKEN_IDS), "sources": list(SOURCES[name])}
 
 

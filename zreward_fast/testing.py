@@ -113,7 +113,8 @@ def tiny_config(vocab_size: int, special_ids: dict[str, int], **overrides: Any) 
     )
 
 
-def _spread_score_rows(model: Any, hidden: int) -> None:
+def spread_score_rows(model: Any, hidden: int) -> None:
+    """Random LM-head rows of std 4 / sqrt(hidden), in place."""
     # Larger-than-default random output rows so an untrained model gives spread-out scores; the std
     # scales with 1/sqrt(hidden) so score logits have std ~4 at any width (sharper would make an
     # untrained model's distributions one-hot, and any perturbation flip them). With tied
@@ -146,7 +147,7 @@ def tiny_model(
     with gen:
         torch.manual_seed(seed)
         model = Qwen3_5ForConditionalGeneration(config)
-        _spread_score_rows(model, config.text_config.hidden_size)
+        spread_score_rows(model, config.text_config.hidden_size)
     add_score_tokens(tokenizer, model, scale=scale, dimensions=DIMENSIONS)
     model = model.to(dtype).eval()
     processor = ZRewardProcessor(tokenizer, image_size=image_size, scale=scale, dimensions=DIMENSIONS)
@@ -223,7 +224,7 @@ def real_model(name: str, layers: int = 4, vision_depth: int = 2, image_size: in
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen3_5ForConditionalGeneration(config)
-        _spread_score_rows(model, config.text_config.hidden_size)
+        spread_score_rows(model, config.text_config.hidden_size)
     add_score_tokens(tokenizer, model, scale=scale, dimensions=DIMENSIONS)
     model = model.to(dtype).eval()
     return model, ZRewardProcessor(tokenizer, image_size=image_size, scale=scale, dimensions=DIMENSIONS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
-from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err
+from kernel_checks import assert_all_close, assert_grad_only_on_rows, assert_rejects, compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.risd import risd_loss_triton
 from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
@@ -58,10 +58,7 @@ def check(hidden, weight, ids, teacher, bias, temperature, reduction, fn=risd_lo
     assert torch.isfinite(loss).all(), "loss has unwritten/non-finite entries"
     # A sum over N rows of O(1) terms: allow its fp32 rounding (1e-6 relative) on top of 1e-5.
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-6 if reduction == "sum" else 0)
-    for name, a, b in zip(("hidden", "weight", "bias"), g_tri, g_ref):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"grad {name} has unwritten/non-finite entries"
-        torch.testing.assert_close(a, b, atol=grad_atol, rtol=0, msg=lambda m: f"grad {name}: {m}")
+    assert_all_close(g_tri, g_ref, grad_atol, dtype=hidden.dtype, names=("grad hidden", "grad weight", "grad bias"))
     return loss, g_tri
 
 
@@ -114,12 +111,7 @@ def test_teacher_equals_student():
 def test_grad_rows_outside_score_tokens_are_exactly_zero():
     hidden, weight, ids, teacher, bias = make_inputs(37, 96, 301, 9)
     loss = risd_loss_triton(hidden, weight, ids, teacher, bias, 0.7, "mean", cfg=SMALL)
-    gw, gb = torch.autograd.grad(loss, (weight, bias))
-    other = torch.ones(weight.shape[0], dtype=torch.bool)
-    other[ids] = False
-    assert torch.equal(gw[other], torch.zeros_like(gw[other]))
-    assert torch.equal(gb[other], torch.zeros_like(gb[other]))
-    assert (gw[ids].abs().sum(1) > 0).all() and (gb[ids] != 0).all()
+    assert_grad_only_on_rows(*torch.autograd.grad(loss, (weight, bias)), ids)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -162,8 +154,7 @@ def test_upstream_grad_of_none_broadcast_and_scaled():
         for fn in (reference.risd_loss, lambda *a: risd_loss_triton(*a, cfg=SMALL)):
             res.append(torch.autograd.grad(post(fn(hidden, weight, ids, teacher, bias, 0.7, reduction)),
                                            (hidden, weight, bias)))
-        for a, b in zip(*res):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        assert_all_close(*res, 1e-4)
 
 
 @pytest.mark.parametrize("need", ["hidden", "weight", "bias"])
@@ -194,8 +185,7 @@ def test_non_contiguous_inputs():
     loss_ref, g_ref, grad = run(reference.risd_loss, hidden, weight, ids, teacher, bias, 0.7, "none")
     loss, g_tri, _ = run(risd_loss_triton, h_nc, w_nc, ids, t_nc, bias, 0.7, "none", grad, cfg=SMALL)
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0)
-    for a, b in zip(g_tri, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert_all_close(g_tri, g_ref, 1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -206,9 +196,7 @@ def test_half_inputs_through_interpreter(dtype):
     loss, g_tri, _ = run(zk.risd_loss, hidden, weight, ids, teacher, bias, 0.7, "mean", grad)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=0)
-    for a, b in zip(g_tri, g_ref):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+    assert_all_close(g_tri, g_ref, 1e-2, rtol=1e-2, dtype=dtype)
 
 
 def test_half_teacher_probs():

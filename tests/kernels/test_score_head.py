@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
-from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err
+from kernel_checks import assert_all_close, assert_grad_only_on_rows, assert_rejects, compiled_triton_or_skip, rel_err
 from zreward_fast import reference
 from zreward_fast.kernels.fused_score_head import score_head_triton
 from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
@@ -41,48 +41,37 @@ def run(fn, hidden, weight, ids, levels, bias, temperature, grads, **kw):
     return out, torch.autograd.grad(loss, params)
 
 
+def check(fn, hidden, weight, ids, levels, bias, temperature=0.7, ref_inputs=None, grad_dtype=None, grad_tol=1e-4,
+          **kw):
+    """``fn`` against the reference (on ``ref_inputs`` if given: the same values, other layout):
+    fp32 outputs within 1e-5, gradients within ``grad_tol`` (relative too for 16-bit inputs)."""
+    ref_args = ref_inputs or (hidden, weight, ids, levels, bias)
+    grads = upstream_grads(reference.score_head(*ref_args, temperature))
+    out_ref, g_ref = run(reference.score_head, *ref_args, temperature, grads)
+    out, g = run(fn, hidden, weight, ids, levels, bias, temperature, grads, **kw)
+    assert_all_close(out, out_ref, 1e-5, dtype=torch.float32, names=FIELDS)
+    assert_all_close(g, g_ref, grad_tol, rtol=grad_tol if grad_dtype else 0.0, dtype=grad_dtype or hidden.dtype,
+                     names=("grad hidden", "grad weight", "grad bias"))
+
+
 @pytest.mark.parametrize("shape", [(64, 256, 1000, 9), (37, 96, 301, 9)], ids=["realistic", "odd"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("cfg", [None, SMALL], ids=["default_cfg", "small_blocks"])
 def test_triton_matches_reference(shape, with_bias, temperature, cfg):
-    hidden, weight, ids, levels, bias = make_inputs(*shape, bias=with_bias)
-    out_ref = reference.score_head(hidden, weight, ids, levels, bias, temperature)
-    grads = upstream_grads(out_ref)
-    out_ref, g_ref = run(reference.score_head, hidden, weight, ids, levels, bias, temperature, grads)
-    out_tri, g_tri = run(score_head_triton, hidden, weight, ids, levels, bias, temperature, grads, cfg=cfg)
-    for name, a, b in zip(FIELDS, out_tri, out_ref):
-        assert a.dtype == torch.float32 and a.shape == b.shape, name
-        assert torch.isfinite(a).all(), f"{name} has unwritten/non-finite entries"
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
-    for name, a, b in zip(("hidden", "weight", "bias"), g_tri, g_ref):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=lambda m: f"grad {name}: {m}")
+    check(score_head_triton, *make_inputs(*shape, bias=with_bias), temperature, cfg=cfg)
 
 
 def test_grad_rows_outside_score_tokens_are_exactly_zero():
     hidden, weight, ids, levels, bias = make_inputs(37, 96, 301, 9)
     out = score_head_triton(hidden, weight, ids, levels, bias, 0.7, cfg=SMALL)
     loss = sum((o * g).sum() for o, g in zip(out, upstream_grads(out)))
-    gw, gb = torch.autograd.grad(loss, (weight, bias))
-    other = torch.ones(weight.shape[0], dtype=torch.bool)
-    other[ids] = False
-    assert torch.equal(gw[other], torch.zeros_like(gw[other]))
-    assert torch.equal(gb[other], torch.zeros_like(gb[other]))
-    assert (gw[ids].abs().sum(1) > 0).all() and (gb[ids] != 0).all()
+    assert_grad_only_on_rows(*torch.autograd.grad(loss, (weight, bias)), ids)
 
 
 @pytest.mark.parametrize("n, k", [(37, 2), (37, 5), (37, 17), (1, 9), (5, 3)])  # BLOCK_K 16/16/32; one row block
 def test_other_k_and_tiny_n(n, k):
-    hidden, weight, ids, levels, bias = make_inputs(n, 96, 301, k)
-    out_ref = reference.score_head(hidden, weight, ids, levels, bias, 0.7)
-    grads = upstream_grads(out_ref)
-    out_ref, g_ref = run(reference.score_head, hidden, weight, ids, levels, bias, 0.7, grads)
-    out_tri, g_tri = run(score_head_triton, hidden, weight, ids, levels, bias, 0.7, grads, cfg=SMALL)
-    for a, b in zip(out_tri, out_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    for a, b in zip(g_tri, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    check(score_head_triton, *make_inputs(n, 96, 301, k), cfg=SMALL)
 
 
 @pytest.mark.parametrize("used", ["mean", "var", "entropy", "probs", "log_probs", "logits"])
@@ -115,9 +104,7 @@ def test_public_score_head_dispatches_to_triton_under_interpreter(monkeypatch):
     out = zk.score_head(hidden, weight, ids, levels.tolist(), bias, 0.7)  # levels as floats
     assert calls == [1]
     assert isinstance(out, zk.ScoreHeadOutput) and out._fields == FIELDS
-    ref = reference.score_head(hidden, weight, ids, levels, bias, 0.7)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert_all_close(out, reference.score_head(hidden, weight, ids, levels, bias, 0.7), 1e-5, names=FIELDS)
 
 
 def test_public_score_head_uses_reference_without_interpreter(monkeypatch):
@@ -143,17 +130,7 @@ def test_bf16_reference_path_on_cpu(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_through_interpreter(dtype):
     # The interpreter path upcasts 16-bit inputs to fp32; grads come back in the input dtype.
-    hidden, weight, ids, levels, bias = make_inputs(37, 96, 301, 9, dtype=dtype)
-    out_ref = reference.score_head(hidden, weight, ids, levels, bias, 0.7)
-    grads = upstream_grads(out_ref)
-    out_ref, g_ref = run(reference.score_head, hidden, weight, ids, levels, bias, 0.7, grads)
-    out_tri, g_tri = run(zk.score_head, hidden, weight, ids, levels, bias, 0.7, grads)
-    for a, b in zip(out_tri, out_ref):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    for a, b in zip(g_tri, g_ref):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+    check(zk.score_head, *make_inputs(37, 96, 301, 9, dtype=dtype), grad_dtype=dtype, grad_tol=1e-2)
 
 
 def test_non_contiguous_inputs():
@@ -161,14 +138,7 @@ def test_non_contiguous_inputs():
     h_nc = torch.stack([hidden.detach()] * 2, -1).flatten(1)[:, ::2].requires_grad_()  # stride (192, 2)
     w_nc = weight.detach().T.contiguous().T.requires_grad_()  # stride (1, V): column-major head
     assert h_nc.stride() == (192, 2) and w_nc.stride() == (1, 301) and torch.equal(h_nc, hidden)
-    out_ref = reference.score_head(hidden, weight, ids, levels, bias, 0.7)
-    grads = upstream_grads(out_ref)
-    out_ref, g_ref = run(reference.score_head, hidden, weight, ids, levels, bias, 0.7, grads)
-    out_tri, g_tri = run(score_head_triton, h_nc, w_nc, ids, levels, bias, 0.7, grads, cfg=SMALL)
-    for a, b in zip(out_tri, out_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    for a, b in zip(g_tri, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    check(score_head_triton, h_nc, w_nc, ids, levels, bias, ref_inputs=(hidden, weight, ids, levels, bias), cfg=SMALL)
 
 
 def test_empty_batch():

@@ -223,36 +223,30 @@ class TorchEngine:
         device, dtype = _check_device(device, dtype)
         path = check_model_dir(resolve(model_dir, revision))
         self.model_dir: Path | None = path
-        self._setup(ZRewardModel.from_pretrained(path, torch_dtype=dtype, device=device), device, dtype, batch_buckets, seq_buckets,
-                    use_cuda_graphs, fp8, gdn)
+        self._setup(ZRewardModel.from_pretrained(path, torch_dtype=dtype, device=device), device, dtype,
+                    batch_buckets=batch_buckets, seq_buckets=seq_buckets, use_cuda_graphs=use_cuda_graphs, fp8=fp8, gdn=gdn)
 
     @classmethod
-    def from_model(
-        cls,
-        rm: ZRewardModel,
-        dtype: torch.dtype | None = None,
-        batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
-        seq_buckets: Sequence[int] = DEFAULT_SEQ_BUCKETS,
-        use_cuda_graphs: bool = True,
-        fp8: bool = False,
-        gdn: str = "auto",
-    ) -> "TorchEngine":
+    def from_model(cls, rm: ZRewardModel, dtype: torch.dtype | None = None, **options: Any) -> "TorchEngine":
         """An engine on an in-memory :class:`ZRewardModel` (on its device), sharing its weights.
 
-        ``dtype`` converts the model in place when given. With ``fp8=True`` the model's linear
-        layers are replaced in place, so the ``ZRewardModel`` then runs in fp8 too.
+        ``dtype`` converts the model in place when given; ``options`` are the constructor's
+        (``batch_buckets``, ``seq_buckets``, ``use_cuda_graphs``, ``fp8``, ``gdn``), with its
+        defaults. With ``fp8=True`` the model's linear layers are replaced in place, so the
+        ``ZRewardModel`` then runs in fp8 too.
         """
         if dtype is not None:
             rm.model.to(dtype)
         device, dtype = _check_device(rm.device, dtype or rm.model.get_input_embeddings().weight.dtype)
         self = cls.__new__(cls)
         self.model_dir = None
-        self._setup(rm, device, dtype, batch_buckets, seq_buckets, use_cuda_graphs, fp8, gdn)
+        self._setup(rm, device, dtype, **options)
         return self
 
     def _setup(
-        self, rm: ZRewardModel, device: torch.device, dtype: torch.dtype, batch_buckets: Sequence[int],
-        seq_buckets: Sequence[int], use_cuda_graphs: bool, fp8: bool, gdn: str,
+        self, rm: ZRewardModel, device: torch.device, dtype: torch.dtype, *,
+        batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, seq_buckets: Sequence[int] = DEFAULT_SEQ_BUCKETS,
+        use_cuda_graphs: bool = True, fp8: bool = False, gdn: str = "auto",
     ) -> None:
         from ..kernels import score_head
 

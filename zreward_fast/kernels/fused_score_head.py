@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..reference import ScoreHeadOutput
 from .score_rows import (
-    ScoreRowsLaunchConfig, masked_log_softmax, row_tile, score_row_logits, store_grad_hidden, weight_grad_partials,
+    ScoreRowsLaunchConfig, row_tile, score_row_log_softmax, store_grad_hidden, weight_grad_partials,
 )
 from .utils import INTERPRET, block_k, dot_precision, interp_cast
 
@@ -46,13 +46,9 @@ def _score_head_fwd_kernel(
     BLOCK_H: tl.constexpr,
 ):
     o_n, o_k, m_n, m_k, o_nk, m_nk = row_tile(N, K, BLOCK_N, BLOCK_K)
-    # Row index of each score token in the LM head; padded columns read row 0, masked anyway.
-    b_ids = tl.load(token_ids + o_k, mask=m_k, other=0).to(tl.int64)
-
-    b_z = score_row_logits(hidden, weight, bias, b_ids, o_n, m_n, m_k, H, stride_hn, stride_hh, stride_wv, stride_wh,
-                           temperature, HAS_BIAS, DOT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_H)
-    # Padded columns carry no probability mass.
-    b_logp, b_p = masked_log_softmax(b_z, m_k)
+    b_z, b_logp, b_p = score_row_log_softmax(hidden, weight, bias, token_ids, o_n, o_k, m_n, m_k, H, stride_hn, stride_hh,
+                                             stride_wv, stride_wh, temperature, HAS_BIAS, DOT_PRECISION, BLOCK_N,
+                                             BLOCK_K, BLOCK_H)
 
     b_s = tl.load(levels + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_mean = tl.sum(b_p * b_s[None, :], axis=1)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .utils import INTERPRET, num_sms
 
-__all__ = ["ScoreRowsLaunchConfig", "score_row_logits", "masked_log_softmax", "store_grad_hidden", "weight_grad_partials"]
+__all__ = ["ScoreRowsLaunchConfig", "row_tile", "score_row_log_softmax", "masked_log_softmax", "store_grad_hidden", "weight_grad_partials"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def row_tile(N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def score_row_logits(
-    hidden, weight, bias, b_ids, o_n, m_n, m_k, H,
+def score_row_log_softmax(
+    hidden, weight, bias, token_ids, o_n, o_k, m_n, m_k, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
     temperature,
     HAS_BIAS: tl.constexpr,
@@ -69,7 +69,11 @@ def score_row_logits(
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """z [BLOCK_N, BLOCK_K] = (h . w_k + b_k) / T for rows o_n and the score rows b_ids of the head."""
+    """The forward both ops start with, for rows o_n: z [BLOCK_N, BLOCK_K] = (h . w_k + b_k) / T over
+    the score rows ``token_ids`` of the head, gathered there, and its masked log-softmax.
+    Returns (z, log p, p)."""
+    # Row index of each score token in the LM head; padded columns read row 0, masked anyway.
+    b_ids = tl.load(token_ids + o_k, mask=m_k, other=0).to(tl.int64)
     b_z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for i_h in range(0, tl.cdiv(H, BLOCK_H)):
         o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -83,7 +87,10 @@ def score_row_logits(
     if HAS_BIAS:
         b_b = tl.load(bias + b_ids, mask=m_k, other=0.0).to(tl.float32)
         b_z += b_b[None, :]
-    return b_z / temperature
+    b_z = b_z / temperature
+    # Padded columns carry no probability mass.
+    b_logp, b_p = masked_log_softmax(b_z, m_k)
+    return b_z, b_logp, b_p
 
 
 @triton.jit

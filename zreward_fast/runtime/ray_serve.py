@@ -29,16 +29,8 @@ from typing import Any, Callable
 from ..checks import positive_int
 from .batcher import score_isolating
 from .http_schema import (
-    HTTPError,
-    RequestLimits,
-    check_api_key,
-    check_content_type,
-    decode_request,
-    error_body,
-    read_body,
-    render_outcomes,
-    response_headers,
-    scorer_bucket,
+    HTTPError, RequestLimits, check_api_key, check_content_type, decode_request, error_body, read_body, render_outcomes,
+    response_headers, scorer_bucket,
 )
 
 logger = logging.getLogger(__name__)

@@ -45,17 +45,8 @@ from starlette.requests import ClientDisconnect
 from ..checks import positive_int
 from .batcher import BatcherError, BatchInfo, DynamicBatcher
 from .http_schema import (
-    HTTPError,
-    RequestLimits,
-    check_api_key,
-    check_content_type,
-    decode_request,
-    error_body,
-    error_for_exception,
-    read_body,
-    render_outcomes,
-    response_headers,
-    scorer_bucket,
+    HTTPError, RequestLimits, check_api_key, check_content_type, decode_request, error_body, error_for_exception, read_body,
+    render_outcomes, response_headers, scorer_bucket,
 )
 
 logger = logging.getLogger(__name__)
