@@ -26,7 +26,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,9 @@ class ReproduceConfig:
     perception_steps: int = 600
     cold_steps: int = 900
     train_pairs: int = 400
-    gdso_steps: int = 80
-    gdso_pairs_per_step: int = 4
-    num_rollouts: int = 4
-    max_new_tokens: int = 72
-    gdso_lr: float = 5e-4
-    beta: float = 0.04
+    # GDSOConfig fields of every GDSO run (the reasoning budget is the teachers' evaluation's too)
+    gdso: dict[str, Any] = field(default_factory=lambda: dict(
+        max_steps=80, pairs_per_step=4, num_rollouts=4, max_new_tokens=72, learning_rate=5e-4, beta=0.04))
     val_pairs: int = 32
     val_every: int = 40
     ablations: bool = True
@@ -102,31 +99,21 @@ class ReproduceConfig:
     def quick(cls, seed: int = 0) -> "ReproduceConfig":
         # GDSO sees each training pair once, as in full mode: 40 steps over 96 pairs (1.7 epochs)
         # or 120 over 96 ended below the cold start (0.65, 0.61 against 0.71, 0.70; README).
-        return cls(seed=seed, cold_images=150, perception_steps=200, cold_steps=200, train_pairs=320, gdso_steps=80,
-                   gdso_pairs_per_step=4, val_pairs=0, ablations=False, label_images=128, risd_steps=120,
+        return cls(seed=seed, cold_images=150, perception_steps=200, cold_steps=200, train_pairs=320,
+                   val_pairs=0, ablations=False, label_images=128, risd_steps=120,
                    risd_batch=8, student_inits=1, scalar_steps=60, export_pairs=24, eval_conflicts=32,
                    generator_steps=40, generator_prompts=4)
-
-
-def _save_images(directory: Path, images: list, stem: str) -> list[str]:
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(images):
-        p = directory / f"{stem}{i:05d}.png"
-        img.save(p)
-        paths.append(str(p))
-    return paths
 
 
 def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     """Cold-start reasonings, training pairs and labelling images, all from training seed streams."""
     from .training.coldstart import ReasoningRecord
-    from .training.data import PairRecord, ScoredRecord
+    from .training.data import PairRecord, ScoredRecord, save_images
     from .training.pairs import training_pairs
     from .training.synthetic import DIMENSIONS, samples
 
     cold = list(samples(cfg.cold_images, seed=cfg.seed * 7 + 1, size=cfg.image_size))
-    cold_paths = _save_images(out / "cold", [s.image for s in cold], "c")
+    cold_paths = save_images(out / "cold", [s.image for s in cold], "c")
     cold_records = [ReasoningRecord(p, s.prompt, d, s.scene.reasoning(d), s.scores[d])
                     for p, s in zip(cold_paths, cold) for d in DIMENSIONS]
     # the same images and known scores, as one-pass targets for the teacher's perception warm-up
@@ -134,10 +121,10 @@ def _data(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     pairs = training_pairs(cfg.seed, cfg.train_pairs, size=cfg.image_size)
     pair_records = []
     for i, p in enumerate(pairs):
-        a, b = _save_images(out / "pairs", list(p.images), f"p{i:05d}_")
+        a, b = save_images(out / "pairs", list(p.images), f"p{i:05d}_")
         pair_records.append(PairRecord(p.prompt, p.dimension, (a, b), (p.scores[0][p.dimension], p.scores[1][p.dimension])))
     fresh = list(samples(cfg.label_images, seed=cfg.seed * 7 + 2, size=cfg.image_size))
-    fresh_paths = _save_images(out / "label", [s.image for s in fresh], "l")
+    fresh_paths = save_images(out / "label", [s.image for s in fresh], "l")
     label_records = [ScoredRecord(p, s.prompt, s.scores) for p, s in zip(fresh_paths, fresh)]
     return {"cold": cold_records, "perception": perception, "pairs": pair_records, "label": label_records}
 
@@ -155,7 +142,7 @@ def _teacher_eval(rm: Any, cfg: ReproduceConfig, **ev: Any) -> dict:
     """The benchmark of a reasoning teacher (greedy reasoning up to the run's token budget)."""
     from .evaluation import evaluate
 
-    return evaluate(rm, teacher=True, max_new_tokens=cfg.max_new_tokens, **ev)
+    return evaluate(rm, teacher=True, max_new_tokens=cfg.gdso["max_new_tokens"], **ev)
 
 
 def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path, resume: bool = False,
@@ -170,19 +157,17 @@ def _gdso(cold_dir: Path, cfg: ReproduceConfig, pairs: list, out_dir: Path, resu
         history = json.loads(history_file.read_text()) if history_file.is_file() else []
         return ZRewardModel.from_pretrained(out_dir), history
     rm = ZRewardModel.from_pretrained(cold_dir)
-    gc = GDSOConfig(num_rollouts=cfg.num_rollouts, pairs_per_step=cfg.gdso_pairs_per_step,
-                    max_new_tokens=cfg.max_new_tokens, learning_rate=cfg.gdso_lr, beta=cfg.beta,
-                    max_steps=cfg.gdso_steps, train_vision=cfg.train_teacher_vision, seed=cfg.seed, **overrides)
+    gc = GDSOConfig(**{**cfg.gdso, **overrides}, train_vision=cfg.train_teacher_vision, seed=cfg.seed)
     trainer = GDSOTrainer(rm, gc, train_records=pairs)
     history = []
     step = 0
-    while step < cfg.gdso_steps:
+    while step < gc.max_steps:
         if cfg.val_pairs and cfg.val_every:
             r = _teacher_eval(trainer.reward_model, cfg, seed=cfg.seed + 1, pairs=cfg.val_pairs, conflicts=0,
                               size=cfg.image_size)
             history.append({"step": step, "val_hpa": r["hpa"]})
             logger.info("GDSO%s step %d: validation HPA %.3f", overrides or "", step, r["hpa"])
-        step = min(cfg.gdso_steps, step + (cfg.val_every or cfg.gdso_steps))
+        step = min(gc.max_steps, step + (cfg.val_every or gc.max_steps))
         trainer.train(max_steps=step)
     losses = [h for h in trainer.state.history if "loss" in h]
     if losses:
@@ -310,7 +295,7 @@ def reproduce(out_dir: str | Path, quick: bool = False, seed: int = 0, config: R
 
         labels = out / "data" / "risd_teacher.jsonl"
         if not (resume and labels.is_file()):
-            engine = default_engine(rm_teacher, cfg.max_new_tokens, do_sample=False)
+            engine = default_engine(rm_teacher, cfg.gdso["max_new_tokens"], do_sample=False)
             label_risd_targets(rm_teacher.eval(), data["label"], labels, engine=engine)
         lap("labelling")
         teacher_labels = read_manifest(labels, "risd")

@@ -221,6 +221,17 @@ def soft_targets(score: float, scale: ScoreScale, sharpness: float = 4.0) -> lis
     return [x / z for x in e]
 
 
+def save_images(directory: str | os.PathLike, images: Sequence[Any], stem: str = "") -> list[str]:
+    """Write PIL images as ``directory/<stem><index:05d>.png``; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(directory / f"{stem}{i:05d}.png"))
+        img.save(paths[-1])
+    return paths
+
+
 def write_synthetic_dataset(
     out_dir: str | os.PathLike,
     n: int,
@@ -238,14 +249,9 @@ def write_synthetic_dataset(
 
     scale = scale or ScoreScale()
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    samples = []
-    for i in range(n):
-        s = make_sample(seed * 1_000_003 + i, size)
-        p = out / "images" / f"{i:05d}.png"
-        s.image.save(p)
-        samples.append((str(p), s))
+    drawn = [make_sample(seed * 1_000_003 + i, size) for i in range(n)]
+    samples = list(zip(save_images(out / "images", [s.image for s in drawn]), drawn))
     if "scored" in kinds:
         paths["scored"] = write_manifest(out / "scored.jsonl", [ScoredRecord(p, s.prompt, s.scores) for p, s in samples])
     if "risd" in kinds:
