@@ -6,7 +6,7 @@ Rows (same inputs, same random upstream grads on loss, loss_pt and loss_pw for a
   compile        torch.compile of the reference
   triton         the fused kernels through the public, validating zreward_fast.kernels.gdso_loss
                  (validation reads a few flags back from the device: one host sync per call)
-  triton-kernel  the fused kernels without validation (gdso_loss_triton): 2 launches forward,
+  triton-kernel  the fused kernels without validation (gdso_loss(..., validate=False)): 2 launches forward,
                  1 backward, no host sync
 
 On a GPU: per-iteration times from CUDA events after warm-up (a step this small is bound by
@@ -27,6 +27,7 @@ import argparse
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"  {impl:14s} {row['note']}", flush=True)
                 continue
-            fn = zk.gdso_loss if impl == "triton" else zk._gdso_kernels.gdso_loss_triton
+            fn = zk.gdso_loss if impl == "triton" else partial(zk.gdso_loss, validate=False)
         else:
             raise SystemExit(f"unknown impl {impl!r}")
         rows.append(row)

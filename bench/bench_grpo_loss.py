@@ -35,6 +35,7 @@ import gc
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,10 +197,9 @@ def main(argv=None) -> int:
                     plan.append(("triton", lambda: zk.grpo_token_loss, "public API (validates), default chunking"))
                 else:
                     def factory(c=int(c)):
-                        from zreward_fast.kernels.grpo import GRPOLaunchConfig, grpo_token_loss_triton
+                        from zreward_fast.kernels.grpo import GRPOLaunchConfig
 
-                        cfg = GRPOLaunchConfig(chunk_rows=c)
-                        return lambda *a, **k: grpo_token_loss_triton(*a, **k, cfg=cfg)
+                        return partial(zk.grpo_token_loss, validate=False, launch_config=GRPOLaunchConfig(chunk_rows=c))
 
                     plan.append((f"triton-c{int(c)}", factory, f"kernel, chunks of {int(c)} tokens"))
 

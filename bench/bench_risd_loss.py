@@ -9,7 +9,7 @@ Rows (same inputs, same teacher, loss reduced by --reduction, grads of hidden, w
   compile-gathered    torch.compile of the reference
   triton              the fused kernel through the public, validating zreward_fast.kernels.risd_loss
                       (validation syncs with the host once per call)
-  triton-kernel       the fused kernel without validation (risd_loss_triton)
+  triton-kernel       the fused kernel without validation (risd_loss(..., validate=False))
 
 Two weight layouts, marked in the `weight` column:
   head    weight is the full LM head [V, H] and needs grad: its [V, H] gradient (mostly a
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     by_impl = {"eager-full-logits": eager_full_logits, "eager-gathered": reference.risd_loss,
                "compile-gathered": torch.compile(reference.risd_loss), "triton": zk.risd_loss,
-               "triton-kernel": zk._risd_kernels and zk._risd_kernels.risd_loss_triton}
+               "triton-kernel": partial(zk.risd_loss, validate=False)}
 
     print(f"RISD loss fwd+bwd ({args.reduction})  N={args.N} H={args.H} V={args.V} K={args.K} {short} "
           f"on {dname}  torch {torch.__version__}", flush=True)

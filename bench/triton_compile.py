@@ -69,18 +69,21 @@ def _record() -> list[dict]:
     ids = torch.arange(K) * 7
     levels = torch.linspace(0, 4, K)
     rows_cfg = score_rows.ScoreRowsLaunchConfig(n_split=8)  # a GPU's own config; n_split: no SM count here
-    out = fused_score_head.score_head_triton(leaf(N, H), leaf(V, H), ids, levels, None, 1.0, rows_cfg)
-    (out.mean.sum() + out.var.sum() + out.entropy.sum()).backward()
+    # The ops' autograd Functions straight (the public ops dispatch by device: CPU tensors would get
+    # the reference with the interpreter off)
+    out = fused_score_head.ScoreHeadFunction.apply(leaf(N, H), leaf(V, H), ids, levels, None, 1.0, rows_cfg)
+    (out[3].sum() + out[4].sum() + out[5].sum()).backward()  # mean, var, entropy
     teacher = torch.softmax(torch.randn(N, K, generator=g), -1)
-    risd.risd_loss_triton(leaf(N, H), leaf(V, H), ids, teacher, leaf(V), 1.0, "mean", rows_cfg).backward()
-    res = gdso.gdso_loss_triton(leaf(P, 2, G, K), torch.rand(P, 2, generator=g) * 4, levels, cfg=gdso.GDSOLaunchConfig())
+    risd.RISDLossFunction.apply(leaf(N, H), leaf(V, H), ids, teacher, leaf(V), 1.0, "mean", rows_cfg).backward()
+    hp = dict(alpha_pt=1.0, alpha_pw=1.0, lambda_pt=0.5, lambda_pw=0.5, eps=1e-4)
+    res = gdso.gdso_loss_triton(leaf(P, 2, G, K), torch.rand(P, 2, generator=g) * 4, levels, hp, gdso.GDSOLaunchConfig())
     res.loss.backward()
     tok = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T)
     adv = torch.randn(B, generator=g)
     old, ref = torch.randn(B, T, generator=g).to(f32), torch.randn(B, T, generator=g).to(f32)
-    loss, _ = grpo.grpo_token_loss_triton(leaf(B, T, H), leaf(V, H), tok, mask, adv, old, ref,
-                                          cfg=grpo.GRPOLaunchConfig(block_v=8192, num_warps=16))
+    loss, _ = grpo.GRPOTokenLossFunction.apply(leaf(B, T, H), leaf(V, H), tok, mask, adv, old, ref, 0.2, 0.04, 1.0,
+                                               grpo.GRPOLaunchConfig(block_v=8192, num_warps=16), True)
     loss.backward()
     return [_describe(x) for x in launches]
 

@@ -48,3 +48,17 @@ def assert_grad_only_on_rows(grad_weight: torch.Tensor, grad_bias: torch.Tensor,
     assert torch.equal(grad_weight[other], torch.zeros_like(grad_weight[other]))
     assert torch.equal(grad_bias[other], torch.zeros_like(grad_bias[other]))
     assert (grad_weight[ids].abs().sum(1) > 0).all() and (grad_bias[ids] != 0).all()
+
+
+def triton_path(op: Callable) -> Callable:
+    """``op`` (a public kernel op) on its Triton path without validation, ``cfg`` its launch config:
+    what the kernel tests compare with the reference. Fails unless the Triton kernels serve the first
+    argument's device, so that a test never compares the reference with itself."""
+
+    def run(*args: Any, cfg: Any = None, **kwargs: Any) -> Any:
+        import zreward_fast.kernels as zk
+
+        assert zk.use_triton(args[0].device), f"the Triton kernels do not serve {args[0].device}"
+        return op(*args, validate=False, launch_config=cfg, **kwargs)
+
+    return run

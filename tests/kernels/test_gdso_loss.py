@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
-from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err
+from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err, triton_path
 from zreward_fast import reference
-from zreward_fast.kernels.gdso import GDSOLaunchConfig, gdso_loss_triton
+from zreward_fast.kernels.gdso import GDSOLaunchConfig
 from zreward_fast.scale import ScoreScale
 
 FIELDS = ("loss", "loss_pt", "loss_pw", "rewards", "advantages", "mean")
 HP = dict(alpha_pt=0.7, alpha_pw=1.3, lambda_pt=0.3, lambda_pw=0.7, eps=1e-3)  # non-default
+gdso_loss_triton = triton_path(zk.gdso_loss)
 UNEVEN = [0.0, 1.0, 1.5, 3.0, 4.0, 6.0, 10.0]  # K=7, R=10
 
 
@@ -220,6 +221,15 @@ def test_public_gdso_loss_dispatches_to_triton_under_interpreter(monkeypatch):
     assert_matches(out, grad, out_ref, grad_ref)
 
 
+def test_validate_false_skips_the_checks(monkeypatch):
+    z, t, lv = make_inputs(5, 3, 7, levels=UNEVEN)
+    want = zk.gdso_loss(z, t, lv, **HP)
+    monkeypatch.setattr(zk, "validate_gdso", lambda *a, **k: pytest.fail("validated"))
+    got = zk.gdso_loss(z, t, lv, **HP, validate=False, launch_config=GDSOLaunchConfig())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_public_gdso_loss_uses_reference_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not zk.use_triton("cpu")
@@ -261,14 +271,14 @@ def test_bad_input(change, exc, match):
     assert_rejects(zk.gdso_loss, _good(), change, exc, match)
 
 
-def test_triton_driver_rejects_bad_shapes():
+def test_public_op_rejects_bad_shapes():
     z, t, lv = make_inputs(4, 3, 9)
     with pytest.raises(ValueError, match="G >= 2"):
-        gdso_loss_triton(z[:, :, :1], t, lv)
+        zk.gdso_loss(z[:, :, :1], t, lv)
     with pytest.raises(ValueError, match=r"\[P, 2, G, K\]"):
-        gdso_loss_triton(z[:, :1], t, lv)
+        zk.gdso_loss(z[:, :1], t, lv)
     with pytest.raises(ValueError, match=r"targets must be \[P, 2\]"):
-        gdso_loss_triton(z, t[:3], lv)
+        zk.gdso_loss(z, t[:3], lv)
 
 
 # ---------------------------------------------------------------------------- GPU (bench/gpu_check.sh)

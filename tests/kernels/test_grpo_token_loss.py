@@ -8,12 +8,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zreward_fast.kernels as zk
-from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err
+from kernel_checks import assert_rejects, compiled_triton_or_skip, rel_err, triton_path
 from zreward_fast import reference
-from zreward_fast.kernels.grpo import GRPOLaunchConfig, grpo_token_loss_triton
+from zreward_fast.kernels.grpo import GRPOLaunchConfig, GRPOTokenLossFunction
 
 # Small blocks: several V blocks per row and chunks that do not divide N.
 SMALL = GRPOLaunchConfig(chunk_rows=7, block_v=64, num_warps=4)
+grpo_token_loss_triton = triton_path(zk.grpo_token_loss)
 CLIP = 0.2
 
 
@@ -240,18 +241,25 @@ def test_fused_path_never_allocates_full_logits():
 def test_public_dispatches_to_triton_under_interpreter(monkeypatch):
     assert zk.use_triton("cpu") and zk._grpo_kernels is not None
     calls = []
-    real = zk._grpo_kernels.grpo_token_loss_triton
-    monkeypatch.setattr(zk._grpo_kernels, "grpo_token_loss_triton", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = GRPOTokenLossFunction.apply
+    monkeypatch.setattr(GRPOTokenLossFunction, "apply", lambda *a: calls.append(a[7:10]) or real(*a))
     inputs = make_inputs(3, 7, 48, 301)
     out = run(zk.grpo_token_loss, *inputs, temperature=0.7)
-    assert len(calls) == 1 and calls[0] == dict(clip_eps=CLIP, beta=0.04, temperature=0.7)
+    assert len(calls) == 1 and calls[0] == (CLIP, 0.04, 0.7)  # clip_eps, beta, temperature
     assert_matches(out, run(reference.grpo_token_loss, *inputs, temperature=0.7))
+
+
+def test_validate_false_skips_the_checks(monkeypatch):
+    inputs = make_inputs(3, 7, 48, 301)
+    want = run(zk.grpo_token_loss, *inputs)
+    monkeypatch.setattr(zk, "validate_grpo", lambda *a, **k: pytest.fail("validated"))
+    assert_matches(run(zk.grpo_token_loss, *inputs, validate=False, launch_config=SMALL), want)
 
 
 def test_public_uses_reference_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not zk.use_triton("cpu")
-    monkeypatch.setattr(zk._grpo_kernels, "grpo_token_loss_triton", lambda *a, **k: pytest.fail("Triton used"))
+    monkeypatch.setattr(GRPOTokenLossFunction, "apply", lambda *a: pytest.fail("Triton used"))
     inputs = make_inputs(3, 7, 48, 301)
     assert_matches(run(zk.grpo_token_loss, *inputs), run(reference.grpo_token_loss, *inputs))
 
@@ -300,7 +308,7 @@ def test_gpu_bf16_matches_reference(shape, fp32_weight_grad):
     out_ref = run(reference.grpo_token_loss, *up, *inputs[2:], temperature=0.7)
     B, T = shape[:2]
     cfg = GRPOLaunchConfig(chunk_rows=1000 if B * T > 1000 else 64, fp32_weight_grad=fp32_weight_grad)  # uneven chunks
-    out = run(zk._grpo_kernels.grpo_token_loss_triton, *inputs, temperature=0.7, cfg=cfg)
+    out = run(grpo_token_loss_triton, *inputs, temperature=0.7, cfg=cfg)
     assert out[2].dtype == out[3].dtype == torch.bfloat16
     assert abs(out[0].item() - out_ref[0].item()) < 2e-3
     torch.testing.assert_close(out[1], out_ref[1], atol=5e-2, rtol=0)
@@ -329,7 +337,7 @@ def test_gpu_peak_memory_stays_chunk_sized():
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    run(zk._grpo_kernels.grpo_token_loss_triton, *inputs, cfg=cfg)
+    run(grpo_token_loss_triton, *inputs, cfg=cfg)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     full_logits = B * T * V * 4

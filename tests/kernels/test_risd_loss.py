@@ -7,13 +7,16 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
-from kernel_checks import assert_all_close, assert_grad_only_on_rows, assert_rejects, compiled_triton_or_skip, rel_err
+from kernel_checks import (
+    assert_all_close, assert_grad_only_on_rows, assert_rejects, compiled_triton_or_skip, rel_err, triton_path,
+)
 from zreward_fast import reference
-from zreward_fast.kernels.risd import risd_loss_triton
+from zreward_fast.kernels.risd import RISDLossFunction
 from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
 
 # Small blocks: several programs along N and H (and two weight-grad splits) at test shapes.
 SMALL = ScoreRowsLaunchConfig(block_n=16, block_h=32, dw_block_n=16, dw_block_h=32, n_split=2)
+risd_loss_triton = triton_path(zk.risd_loss)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -128,8 +131,8 @@ def test_k_score_rows_as_own_parameter(reduction):
 def test_public_risd_loss_dispatches_to_triton_under_interpreter(monkeypatch):
     assert zk.use_triton("cpu") and zk._risd_kernels is not None
     calls = []
-    real = zk._risd_kernels.risd_loss_triton
-    monkeypatch.setattr(zk._risd_kernels, "risd_loss_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = RISDLossFunction.apply
+    monkeypatch.setattr(RISDLossFunction, "apply", lambda *a: calls.append(1) or real(*a))
     hidden, weight, ids, teacher, bias = make_inputs(37, 96, 301, 9)
     for i, reduction in enumerate(REDUCTIONS):
         check(hidden, weight, ids, teacher, bias, 0.7, reduction, fn=zk.risd_loss)
@@ -140,10 +143,18 @@ def test_public_risd_loss_dispatches_to_triton_under_interpreter(monkeypatch):
 def test_public_risd_loss_uses_reference_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not zk.use_triton("cpu")
-    monkeypatch.setattr(zk._risd_kernels, "risd_loss_triton", lambda *a, **k: pytest.fail("Triton used"))
+    monkeypatch.setattr(RISDLossFunction, "apply", lambda *a: pytest.fail("Triton used"))
     hidden, weight, ids, teacher, bias = make_inputs(8, 32, 50, 9)
     torch.testing.assert_close(zk.risd_loss(hidden, weight, ids, teacher, bias),
                                reference.risd_loss(hidden, weight, ids, teacher, bias))
+
+
+def test_validate_false_skips_the_checks(monkeypatch):
+    hidden, weight, ids, teacher, bias = make_inputs(37, 96, 301, 9)
+    want = zk.risd_loss(hidden, weight, ids, teacher, bias, 0.7, "none")
+    monkeypatch.setattr(zk, "validate_risd", lambda *a, **k: pytest.fail("validated"))
+    got = zk.risd_loss(hidden, weight, ids, teacher, bias, 0.7, "none", validate=False, launch_config=SMALL)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # other blocks: other fp32 rounding
 
 
 def test_upstream_grad_of_none_broadcast_and_scaled():

@@ -7,14 +7,17 @@ import pytest
 import torch
 
 import zreward_fast.kernels as zk
-from kernel_checks import assert_all_close, assert_grad_only_on_rows, assert_rejects, compiled_triton_or_skip, rel_err
+from kernel_checks import (
+    assert_all_close, assert_grad_only_on_rows, assert_rejects, compiled_triton_or_skip, rel_err, triton_path,
+)
 from zreward_fast import reference
-from zreward_fast.kernels.fused_score_head import score_head_triton
+from zreward_fast.kernels.fused_score_head import ScoreHeadFunction
 from zreward_fast.kernels.score_rows import ScoreRowsLaunchConfig
 
 FIELDS = ("logits", "log_probs", "probs", "mean", "var", "entropy")
 # Small blocks: several programs along N and H (and two weight-grad splits) at test shapes.
 SMALL = ScoreRowsLaunchConfig(block_n=16, block_h=32, dw_block_n=16, dw_block_h=32, n_split=2)
+score_head_triton = triton_path(zk.score_head)
 
 
 def make_inputs(n, h, v, k, *, bias=True, dtype=torch.float32, device="cpu", seed=0):
@@ -98,8 +101,8 @@ def test_properties():
 def test_public_score_head_dispatches_to_triton_under_interpreter(monkeypatch):
     assert zk.use_triton("cpu") and zk.use_triton(torch.device("cpu"))
     calls = []
-    real = zk._score_head_kernels.score_head_triton
-    monkeypatch.setattr(zk._score_head_kernels, "score_head_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ScoreHeadFunction.apply
+    monkeypatch.setattr(ScoreHeadFunction, "apply", lambda *a: calls.append(1) or real(*a))
     hidden, weight, ids, levels, bias = make_inputs(37, 96, 301, 9)
     out = zk.score_head(hidden, weight, ids, levels.tolist(), bias, 0.7)  # levels as floats
     assert calls == [1]
@@ -107,10 +110,23 @@ def test_public_score_head_dispatches_to_triton_under_interpreter(monkeypatch):
     assert_all_close(out, reference.score_head(hidden, weight, ids, levels, bias, 0.7), 1e-5, names=FIELDS)
 
 
+def test_validate_false_skips_the_checks_and_launch_config_reaches_the_kernel(monkeypatch):
+    hidden, weight, ids, levels, bias = make_inputs(37, 96, 301, 9)
+    want = zk.score_head(hidden, weight, ids, levels, bias, 0.7)
+    monkeypatch.setattr(zk, "validate_score_head", lambda *a: pytest.fail("validated"))
+    seen, real = [], ScoreHeadFunction.apply
+    monkeypatch.setattr(ScoreHeadFunction, "apply", lambda *a: seen.append(a[-1]) or real(*a))
+    got = zk.score_head(hidden, weight, ids, levels, bias, 0.7, validate=False, launch_config=SMALL)
+    assert seen == [SMALL]
+    assert_all_close(got, want, 1e-5, names=FIELDS)
+    with pytest.raises(pytest.fail.Exception, match="validated"):
+        zk.score_head(hidden, weight, ids, levels, bias, 0.7)
+
+
 def test_public_score_head_uses_reference_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not zk.use_triton("cpu")
-    monkeypatch.setattr(zk._score_head_kernels, "score_head_triton", lambda *a, **k: pytest.fail("Triton used"))
+    monkeypatch.setattr(ScoreHeadFunction, "apply", lambda *a: pytest.fail("Triton used"))
     hidden, weight, ids, levels, bias = make_inputs(8, 32, 50, 9)
     out = zk.score_head(hidden, weight, ids, levels, bias)
     torch.testing.assert_close(out.probs.sum(-1), torch.ones(8))

@@ -31,7 +31,7 @@ import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from torch import nn
 
 from ..checks import pair_inputs, positive_int
 from ..dimensions import resolve_dimensions
+from ..kernels import score_head
 from ..modeling import ZRewardModel
 from ..models.gated_deltanet import FlaKernels, load_fla
 from ..models.qwen3_5 import Decoder, Vision
@@ -86,7 +87,7 @@ class _Student(nn.Module):
     are the decoder's buffers.
     """
 
-    def __init__(self, rm: ZRewardModel, fla: FlaKernels | None, head: Callable) -> None:
+    def __init__(self, rm: ZRewardModel, fla: FlaKernels | None) -> None:
         super().__init__()
         self.patchify = _Patchify(rm.processor)
         self.vision = Vision(rm, attention="sdpa")
@@ -94,7 +95,6 @@ class _Student(nn.Module):
         # loaded, the decomposed torch form otherwise
         self.base = Decoder(rm, gdn="fla" if fla is not None else "decomposed", attention="sdpa", fla=fla)
         self.register_buffer("score_ids", torch.arange(self.base.score_weight.shape[0]), persistent=False)
-        self._head = head
 
     def forward(
         self, pixels: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, query_positions: torch.Tensor
@@ -107,24 +107,10 @@ class _Student(nn.Module):
             x = layer(x, cos, sin)
         x = base.norm(x)
         rows = torch.gather(x, 1, query_positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, D, H]
-        out = self._head(rows.reshape(-1, x.shape[-1]), base.score_weight, self.score_ids, base.levels,
-                         base.score_bias, base.temperature)
+        # Validated once at build time (TorchEngine._setup): no per-call host sync, which a CUDA graph forbids.
+        out = score_head(rows.reshape(-1, x.shape[-1]), base.score_weight, self.score_ids, base.levels,
+                         base.score_bias, base.temperature, validate=False)
         return out.probs, out.mean, out.var
-
-
-def _head_impl(device: torch.device) -> Callable:
-    """The score head without its per-call validation (a host sync, which a CUDA graph capture
-    forbids): the Triton kernel where the dispatcher would use it, the torch reference otherwise.
-    The engine validates the head's arguments once, at build time, through the public function."""
-    from ..kernels import use_triton
-
-    if use_triton(device):
-        from zreward_fast.kernels.fused_score_head import score_head_triton
-
-        return score_head_triton
-    from ..reference import score_head
-
-    return score_head
 
 
 # --------------------------------------------------------------------------- buckets
@@ -248,8 +234,6 @@ class TorchEngine:
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS, seq_buckets: Sequence[int] = DEFAULT_SEQ_BUCKETS,
         use_cuda_graphs: bool = True, fp8: bool = False, gdn: str = "auto",
     ) -> None:
-        from ..kernels import score_head
-
         self.device, self.dtype = device, dtype
         self.rm = rm.eval()
         self.processor: ZRewardProcessor = rm.processor
@@ -272,7 +256,7 @@ class TorchEngine:
             self.quantize_report = quantize_linears(rm.model)
         self.gdn_backend = "fla" if fla is not None else "torch"
         self.use_cuda_graphs = bool(use_cuda_graphs) and device.type == "cuda"
-        self.student = _Student(rm, fla, _head_impl(device)).to(device).eval()
+        self.student = _Student(rm, fla).to(device).eval()
         base = self.student.base
         # Validate the head's arguments once (ids, levels, temperature); calls skip the host sync.
         with torch.inference_mode():

@@ -7,11 +7,19 @@ boundary, then run the Triton path when the tensors are on a CUDA device or when
 `TRITON_INTERPRET=1` (CPU tests), and the torch reference (`zreward_fast.reference`) otherwise.
 Without Triton the package still imports (reference only). No kernel module is named like a public
 function, so importing one never replaces the function on the package.
+
+Every op takes two keyword-only arguments beside its math: ``validate=False`` skips the boundary
+checks, including the ones that read tensor values back to the host (one sync each), for callers
+that checked their arguments once (the engine) or capture the op in a CUDA graph; levels must then
+be an fp32 tensor on the device, and bad input is the caller's to rule out. ``launch_config``
+overrides the Triton launch parameters of the op (its module's ``*LaunchConfig``; None: the
+defaults for the device), for tuning and for tests that need several programs at small shapes.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -66,17 +74,24 @@ def score_head(
     levels: torch.Tensor | Sequence[float],
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    *,
+    validate: bool = True,
+    launch_config: Any = None,
 ) -> ScoreHeadOutput:
     """Distribution over K score levels from the K score rows of an LM head.
 
     hidden [N, H]; weight [V, H] (the LM head) and bias [V] or None, indexed by token_ids [K]
     (unique); levels [K] increasing (tensor or floats). Returns fp32 logits, log_probs, probs
     [N, K] and mean, var, entropy [N]; differentiable w.r.t. hidden, weight and bias.
+    ``validate=False`` trusts the arguments (see the module docstring); ``launch_config`` (a
+    ``ScoreRowsLaunchConfig``) overrides the Triton launch parameters.
     """
-    lv, t = validate_score_head(hidden, weight, token_ids, levels, bias, temperature)
+    if validate:
+        levels, temperature = validate_score_head(hidden, weight, token_ids, levels, bias, temperature)
     if use_triton(hidden.device):
-        return _score_head_kernels.score_head_triton(hidden, weight, token_ids, lv, bias, t)
-    return reference.score_head(hidden, weight, token_ids, lv, bias, t)
+        return ScoreHeadOutput(*_score_head_kernels.ScoreHeadFunction.apply(
+            hidden, weight, token_ids, levels, bias, temperature, launch_config))
+    return reference.score_head(hidden, weight, token_ids, torch.as_tensor(levels), bias, temperature)
 
 
 def gdso_loss(
@@ -88,16 +103,22 @@ def gdso_loss(
     lambda_pt: float = 0.5,
     lambda_pw: float = 0.5,
     eps: float = 1e-4,
+    *,
+    validate: bool = True,
+    launch_config: Any = None,
 ) -> GDSOOutput:
     """GDSO group losses: score_logits [P, 2, G, K], targets [P, 2], levels [K]; G >= 2.
 
     Returns loss, loss_pt, loss_pw (differentiable w.r.t. score_logits) and rewards, advantages,
     mean [P, 2, G] (no gradient). Formulas: docs/architecture.md (Losses) and `reference.gdso_loss`.
+    ``validate`` and ``launch_config`` (a ``GDSOLaunchConfig``) as for :func:`score_head`.
     """
-    lv, hp = validate_gdso(score_logits, targets, levels, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps)
+    hp = dict(alpha_pt=alpha_pt, alpha_pw=alpha_pw, lambda_pt=lambda_pt, lambda_pw=lambda_pw, eps=eps)
+    if validate:
+        levels, hp = validate_gdso(score_logits, targets, levels, **hp)
     if _gdso_kernels is not None and use_triton(score_logits.device):
-        return _gdso_kernels.gdso_loss_triton(score_logits, targets, lv, **hp)
-    return reference.gdso_loss(score_logits, targets, lv, **hp)
+        return _gdso_kernels.gdso_loss_triton(score_logits, targets, levels, hp, launch_config)
+    return reference.gdso_loss(score_logits, targets, torch.as_tensor(levels), **hp)
 
 
 def grpo_token_loss(
@@ -111,17 +132,24 @@ def grpo_token_loss(
     clip_eps: float = 0.2,
     beta: float = 0.04,
     temperature: float = 1.0,
+    *,
+    validate: bool = True,
+    launch_config: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO token loss fused with the LM head: returns (loss, token_logprobs [B, T]).
 
-    The Triton path walks the tokens in chunks and never forms the [B*T, V] logits.
+    The Triton path walks the tokens in chunks and never forms the [B*T, V] logits. ``validate``
+    and ``launch_config`` (a ``GRPOLaunchConfig``) as for :func:`score_head`.
     """
-    hp = validate_grpo(hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs, clip_eps, beta, temperature)
+    tensors = (hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs)
+    hp = dict(clip_eps=clip_eps, beta=beta, temperature=temperature)
+    if validate:
+        hp = validate_grpo(*tensors, **hp)
     if _grpo_kernels is not None and use_triton(hidden.device):
-        return _grpo_kernels.grpo_token_loss_triton(
-            hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs, **hp
-        )
-    return reference.grpo_token_loss(hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs, **hp)
+        return _grpo_kernels.GRPOTokenLossFunction.apply(
+            *tensors, float(hp["clip_eps"]), float(hp["beta"]), float(hp["temperature"]), launch_config,
+            torch.is_grad_enabled())
+    return reference.grpo_token_loss(*tensors, **hp)
 
 
 def risd_loss(
@@ -132,9 +160,17 @@ def risd_loss(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     reduction: str = "mean",
+    *,
+    validate: bool = True,
+    launch_config: Any = None,
 ) -> torch.Tensor:
-    """RISD loss: KL(teacher || student) over the K score rows of the LM head, fused with the head."""
-    t = validate_risd(hidden, weight, token_ids, teacher_probs, bias, temperature, reduction)
+    """RISD loss: KL(teacher || student) over the K score rows of the LM head, fused with the head.
+
+    ``validate`` and ``launch_config`` (a ``ScoreRowsLaunchConfig``) as for :func:`score_head`.
+    """
+    if validate:
+        temperature = validate_risd(hidden, weight, token_ids, teacher_probs, bias, temperature, reduction)
     if _risd_kernels is not None and use_triton(hidden.device):
-        return _risd_kernels.risd_loss_triton(hidden, weight, token_ids, teacher_probs, bias, t, reduction)
-    return reference.risd_loss(hidden, weight, token_ids, teacher_probs, bias, t, reduction)
+        return _risd_kernels.RISDLossFunction.apply(
+            hidden, weight, token_ids, teacher_probs, bias, float(temperature), reduction, launch_config)
+    return reference.risd_loss(hidden, weight, token_ids, teacher_probs, bias, temperature, reduction)

@@ -29,7 +29,7 @@ from .score_rows import (
 )
 from .utils import INTERPRET, block_k, dot_precision, interp_cast
 
-__all__ = ["ScoreHeadFunction", "score_head_fwd", "score_head_bwd", "score_head_triton", "INTERPRET"]
+__all__ = ["ScoreHeadFunction", "score_head_fwd", "score_head_bwd", "INTERPRET"]
 
 
 @triton.jit
@@ -223,10 +223,13 @@ def score_head_bwd(
 
 
 class ScoreHeadFunction(torch.autograd.Function):
-    """Autograd wrapper; inputs must already be validated (see `zreward_fast.kernels`)."""
+    """The op behind `zreward_fast.kernels.score_head`, which validates its inputs; ``cfg`` None: the
+    device's default launch parameters."""
 
     @staticmethod
     def forward(ctx, hidden, weight, token_ids, levels, bias, temperature, cfg):  # type: ignore[override]
+        cfg = cfg or ScoreRowsLaunchConfig.default(hidden.device)
+        levels = levels.to(device=hidden.device, dtype=torch.float32).contiguous()
         out = score_head_fwd(hidden, weight, token_ids, levels, bias, temperature, cfg)
         ctx.save_for_backward(hidden, weight, token_ids, levels, *out)
         ctx.temperature = temperature
@@ -256,18 +259,3 @@ class ScoreHeadFunction(torch.autograd.Function):
             grad_b = torch.zeros(shape, device=weight.device, dtype=dtype)
             grad_b.index_copy_(0, ids, grad_bk.to(dtype))
         return grad_h, grad_w, None, None, grad_b, None, None
-
-
-def score_head_triton(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    token_ids: torch.Tensor,
-    levels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    cfg: ScoreRowsLaunchConfig | None = None,
-) -> ScoreHeadOutput:
-    """Triton path, no validation (the public `zreward_fast.kernels.score_head` validates)."""
-    cfg = cfg or ScoreRowsLaunchConfig.default(hidden.device)
-    lv = levels.to(device=hidden.device, dtype=torch.float32).contiguous()
-    return ScoreHeadOutput(*ScoreHeadFunction.apply(hidden, weight, token_ids, lv, bias, temperature, cfg))

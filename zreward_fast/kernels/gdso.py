@@ -308,40 +308,16 @@ class GDSOFunction(torch.autograd.Function):
         return (gdso_bwd(d_pt, d_pw, (g_loss, g_loss_pt, g_loss_pw), ctx.alphas, ctx.in_dtype, ctx.cfg),) + none
 
 
-def gdso_loss_triton(
-    score_logits: torch.Tensor,
-    targets: torch.Tensor,
-    levels: torch.Tensor,
-    alpha_pt: float = 1.0,
-    alpha_pw: float = 1.0,
-    lambda_pt: float = 0.5,
-    lambda_pw: float = 0.5,
-    eps: float = 1e-4,
-    cfg: GDSOLaunchConfig | None = None,
-) -> GDSOOutput:
-    """Triton path, no validation (the public `zreward_fast.kernels.gdso_loss` validates).
-
-    score_logits [P, 2, G, K] (fp32/fp16/bf16, any strides), targets [P, 2], levels [K]
-    increasing; G >= 2. Returns fp32 outputs; the gradient w.r.t. score_logits comes back in
-    score_logits' dtype.
-    """
-    # Shape checks only (no host sync); value checks are the public function's.
-    if score_logits.dim() != 4 or score_logits.shape[1] != 2:
-        raise ValueError(f"score_logits must be [P, 2, G, K], got {tuple(score_logits.shape)}")
-    P, _, G, K = score_logits.shape
-    if G < 2:
-        raise ValueError(f"GDSO needs G >= 2 rollouts per side (the advantage uses the unbiased std), got G={G}")
-    if P == 0 or K < 2:
-        raise ValueError(f"score_logits needs P >= 1 and K >= 2, got {tuple(score_logits.shape)}")
-    if tuple(targets.shape) != (P, 2) or tuple(levels.shape) != (K,):
-        raise ValueError(f"targets must be [P, 2] = [{P}, 2] and levels [K] = [{K}], got "
-                         f"{tuple(targets.shape)} and {tuple(levels.shape)}")
+def gdso_loss_triton(score_logits: torch.Tensor, targets: torch.Tensor, levels: torch.Tensor, hp: dict[str, float],
+                     cfg: GDSOLaunchConfig | None = None) -> GDSOOutput:
+    """The Triton path of `zreward_fast.kernels.gdso_loss`, which validates its inputs; ``hp`` holds
+    alpha_pt, alpha_pw, lambda_pt, lambda_pw and eps. Returns fp32 outputs; the gradient w.r.t.
+    score_logits comes back in score_logits' dtype."""
     lv = levels.to(device=score_logits.device, dtype=torch.float32).contiguous()
-    if G > MAX_G:
+    if score_logits.shape[2] > MAX_G:
         # The per-instance pairwise tile would not fit in one program's registers.
-        return reference.gdso_loss(score_logits, targets, lv, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps)
+        return reference.gdso_loss(score_logits, targets, lv, **hp)
     need_grad = score_logits.requires_grad and torch.is_grad_enabled()
-    out = GDSOFunction.apply(
-        score_logits, targets, lv, alpha_pt, alpha_pw, lambda_pt, lambda_pw, eps, cfg or GDSOLaunchConfig(), need_grad
-    )
+    out = GDSOFunction.apply(score_logits, targets, lv, hp["alpha_pt"], hp["alpha_pw"], hp["lambda_pt"], hp["lambda_pw"],
+                             hp["eps"], cfg or GDSOLaunchConfig(), need_grad)
     return GDSOOutput(*out)

@@ -54,7 +54,7 @@ import triton.language as tl
 
 from .utils import INTERPRET, interp_cast
 
-__all__ = ["GRPOLaunchConfig", "GRPOTokenLossFunction", "grpo_token_loss_triton", "INTERPRET"]
+__all__ = ["GRPOLaunchConfig", "GRPOTokenLossFunction", "INTERPRET"]
 
 
 @triton.jit
@@ -303,14 +303,17 @@ def grpo_fused(
 
 
 class GRPOTokenLossFunction(torch.autograd.Function):
-    """Autograd wrapper; inputs must already be validated (see `zreward_fast.kernels`).
+    """The op behind `zreward_fast.kernels.grpo_token_loss`, which validates its inputs: returns
+    (loss [] fp32, token_logprobs [B, T] fp32, no gradient); ``cfg`` None: the device's default.
 
-    The forward computes the loss and its gradients; backward scales them by the upstream grad.
+    The forward computes the loss and its gradients (``grad_enabled``: torch's grad mode at the
+    call); backward scales them by the upstream grad.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs,  # type: ignore[override]
                 clip_eps, beta, temperature, cfg, grad_enabled):
+        cfg = cfg or GRPOLaunchConfig.default(hidden.device)
         need_h = grad_enabled and ctx.needs_input_grad[0]
         need_w = grad_enabled and ctx.needs_input_grad[1]
         loss, lp, gh, gw = grpo_fused(
@@ -331,27 +334,3 @@ class GRPOTokenLossFunction(torch.autograd.Function):
             gh = None if gh is None else gh * grad_loss.to(gh.dtype)
             gw = None if gw is None else gw * grad_loss.to(gw.dtype)
         return gh, gw, None, None, None, None, None, None, None, None, None, None
-
-
-def grpo_token_loss_triton(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    token_ids: torch.Tensor,
-    mask: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logprobs: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    clip_eps: float = 0.2,
-    beta: float = 0.04,
-    temperature: float = 1.0,
-    cfg: GRPOLaunchConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton path, no validation (the public `zreward_fast.kernels.grpo_token_loss` validates).
-
-    Returns (loss [] fp32, token_logprobs [B, T] fp32, no gradient).
-    """
-    cfg = cfg or GRPOLaunchConfig.default(hidden.device)
-    return GRPOTokenLossFunction.apply(
-        hidden, weight, token_ids, mask, advantages, old_logprobs, ref_logprobs,
-        float(clip_eps), float(beta), float(temperature), cfg, torch.is_grad_enabled(),
-    )

@@ -33,7 +33,7 @@ from .score_rows import (
 )
 from .utils import INTERPRET, block_k, dot_precision, interp_cast
 
-__all__ = ["RISDLossFunction", "risd_fwd", "risd_bwd", "risd_loss_triton", "INTERPRET"]
+__all__ = ["RISDLossFunction", "risd_fwd", "risd_bwd", "INTERPRET"]
 
 # Smallest normal fp32: log() of it is finite even where the GPU flushes denormals to zero.
 _FLT_MIN = 1.1754943508222875e-38
@@ -241,12 +241,17 @@ def risd_bwd(
 
 
 class RISDLossFunction(torch.autograd.Function):
-    """Autograd wrapper; inputs must already be validated (see `zreward_fast.kernels`)."""
+    """The op behind `zreward_fast.kernels.risd_loss`, which validates its inputs: the fp32 loss ([]
+    for "mean" / "sum", [N] for "none"), differentiable w.r.t. hidden, weight and bias (not the
+    teacher); ``cfg`` None: the device's default launch parameters."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, hidden, weight, token_ids, teacher_probs, bias, temperature, reduction, cfg,
     ):
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        cfg = cfg or ScoreRowsLaunchConfig.default(hidden.device)
         kl, d_raw = risd_fwd(hidden, weight, token_ids, teacher_probs, bias, temperature, cfg)
         ctx.save_for_backward(hidden, weight, token_ids, d_raw)
         ctx.reduction = reduction
@@ -271,24 +276,3 @@ class RISDLossFunction(torch.autograd.Function):
         )
         # The teacher probabilities get no gradient.
         return grad_h, grad_w, None, None, grad_b, None, None, None
-
-
-def risd_loss_triton(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    token_ids: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    cfg: ScoreRowsLaunchConfig | None = None,
-) -> torch.Tensor:
-    """Triton path, no validation (the public `zreward_fast.kernels.risd_loss` validates).
-
-    Returns the fp32 loss: [] for "mean" / "sum", [N] for "none"; differentiable w.r.t. hidden,
-    weight and bias (not teacher_probs).
-    """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    cfg = cfg or ScoreRowsLaunchConfig.default(hidden.device)
-    return RISDLossFunction.apply(hidden, weight, token_ids, teacher_probs, bias, float(temperature), reduction, cfg)
