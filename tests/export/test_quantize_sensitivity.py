@@ -118,12 +118,13 @@ def test_fallback_ranks_the_layer_with_the_outlier_input_first():
     report = choice.report()
     assert list(report["kept"]) == [OUTLIER_LAYER] and len(report["ranking"]) == len(ranking)
     assert report["emulated_chosen"] == round(choice.searched[1], 5) < report["emulated_all_quantized"]
-    # an unreachable target: the fewest layers within REACHABLE_SLACK of the best that half reach
+    # an unreachable target: the fewest layers within REACHABLE_SLACK of the best any count tried reached
     best = choose_fallback(rm, images, prompts, target=0.0)
     limit, kept = len(ranking) // 2, len(best.keep)
+    floor = min(best.searched.values())
     assert set(best.searched) >= {0, limit, kept} and 1 <= kept <= limit
-    assert best.searched[kept] <= REACHABLE_SLACK * best.searched[limit]
-    assert all(best.searched[k] > REACHABLE_SLACK * best.searched[limit] for k in best.searched if k < kept)
+    assert best.searched[kept] <= REACHABLE_SLACK * floor <= REACHABLE_SLACK * best.searched[limit]
+    assert all(best.searched[k] > REACHABLE_SLACK * floor for k in best.searched if k < kept)
     assert set(best.keep) == {policy.layer_key(n) for n in ranking[:kept]}
     # nothing to keep when the whole graph already meets the target (one emulated pass)
     none = choose_fallback(rm, images, prompts, target=1e9)
@@ -150,9 +151,11 @@ def test_int8_export_leaves_the_sensitive_layer_in_float(tmp_path):
     from zreward_fast.export import export_bundle
 
     rm = _outlier_student()
-    # a gate of 0.025 aims the fallback at 0.01, which the outlier layer alone in float reaches
+    # a gate of 0.025 aims the fallback at 0.01, which the outlier layer alone in float reaches (without
+    # the MLP smoothing, which handles this outlier itself: test_quantize_smoothing.py)
     strict = {"int8-dynamic": {"mean_abs_dmu": 0.025, "pair_agreement_pooled": 0.98}}
-    res = export_bundle(rm, tmp_path / "b", quantize="int8", num_pairs=16, progress=False, force=True, thresholds=strict)
+    res = export_bundle(rm, tmp_path / "b", quantize="int8", num_pairs=16, progress=False, force=True, thresholds=strict,
+                        smooth="none")
     assert res.manifest["quantization"]["fallback"]["target_mean_abs_dmu"] == pytest.approx(0.01)
     q = res.manifest["quantization"]
     assert list(q["fallback"]["kept"]) == [OUTLIER_LAYER]
@@ -167,7 +170,8 @@ def test_int8_export_leaves_the_sensitive_layer_in_float(tmp_path):
     assert integer and len(integer) == decoder["quantized"]
     assert not any("layers.1.mlp.down_proj" in i for n in integer for i in n.input)
     # --fallback none quantizes it
-    plain = export_bundle(rm, tmp_path / "n", quantize="int8", num_pairs=16, progress=False, force=True, fallback="none")
+    plain = export_bundle(rm, tmp_path / "n", quantize="int8", num_pairs=16, progress=False, force=True, fallback="none",
+                          smooth="none")
     assert "fallback" not in plain.manifest["quantization"]
     assert plain.manifest["quantization"]["graphs"]["decoder"]["quantized"] == decoder["quantized"] + len(kept)
     # and onnxruntime's graphs bear the emulation out on the held-out parity pairs

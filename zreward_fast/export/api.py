@@ -22,7 +22,7 @@ from .. import __version__
 from ..fileio import staged_directory
 from ..modeling import ZRewardModel
 from ..models.gated_deltanet import check_gdn_form
-from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, FALLBACKS, resolve_quant_mode
+from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, FALLBACKS, SMOOTHED_MODES, SMOOTHINGS, resolve_quant_mode
 
 #: calibration images the fallback is measured on (one forward pass each try, at most ~log2 of the
 #: candidate layers tries)
@@ -119,6 +119,7 @@ def export_bundle(
     progress: bool = True,
     benchmark: dict | None = None,
     fallback: str = "auto",
+    smooth: str = "auto",
 ) -> ExportResult:
     """Export ``model`` (a :class:`ZRewardModel` or a saved model directory) to a bundle, with its
     model card (``README.md``: ``benchmark`` is an :func:`~zreward_fast.evaluation.evaluate` report
@@ -128,18 +129,24 @@ def export_bundle(
     scales stay in float, as many as it takes for the emulated error to fall to 40% of the parity
     gate, measured on calibration images (``calib_dir``, else synthetic ones; never the parity
     pairs); ``"none"`` quantizes every candidate. The choice is in the manifest
-    (``quantization.fallback``)."""
+    (``quantization.fallback``). ``smooth="auto"`` (int8-dynamic, int8-static): each MLP's
+    activation outliers are first moved into its weights (SmoothQuant, power-of-two scales from the
+    same calibration images; the float model's outputs are unchanged and the caller's model gets its
+    weights back bit-exactly); the scales' summary is in ``quantization.smoothing``."""
     from ..runtime import Scorer
     from ..runtime.bundle import update_manifest, write_manifest
     from .manifest import manifest_from_processor
     from .model_card import CARD_NAME, model_card, model_info
     from .onnx_export import export_decoder, export_vision, free_weights
     from .parity import DEFAULT_THRESHOLDS, PARITY_TIE_TOL, check_thresholds, parity_report
+    from .quantize.smoothing import smoothed, smoothing_scales
 
     mode = resolve_quant_mode(quantize)
     check_gdn_form(gdn)
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if smooth not in SMOOTHINGS:
+        raise ValueError(f"smooth must be one of {SMOOTHINGS}, got {smooth!r}")
     if num_pairs < 1:
         raise ValueError("num_pairs must be >= 1")
     out = Path(out_dir)
@@ -160,14 +167,21 @@ def export_bundle(
     for i in _progress(range(0, len(images), batch), "reference scores", progress):
         ref_results += rm.score(images[i : i + batch], prompts[i : i + batch], dims, batch_size=batch)
     ref = _probs_from_results(ref_results, dims)
-    choice = None
-    if mode == "int8-dynamic" and fallback == "auto":
+    choice = smoothing = None
+    do_smooth = smooth == "auto" and mode in SMOOTHED_MODES
+    do_fallback = fallback == "auto" and mode == "int8-dynamic"
+    if do_smooth or do_fallback:
+        calib_images, calib_prompts = calibration_images(calib_dir, count=FALLBACK_IMAGES)
+    if do_smooth:
+        for _ in _progress([calib_dir], "int8 smoothing", progress):
+            smoothing = smoothing_scales(rm, calib_images, calib_prompts, batch=batch)
+    if do_fallback:
         from .quantize.sensitivity import TARGET_FRACTION, choose_fallback
 
-        calib_images, calib_prompts = calibration_images(calib_dir, count=FALLBACK_IMAGES)
-        for _ in _progress([calib_dir], "int8 sensitivity", progress):
-            choice = choose_fallback(rm, calib_images, calib_prompts, TARGET_FRACTION * thresholds["mean_abs_dmu"],
-                                     batch=batch)
+        with smoothed(rm.model, smoothing):  # the fallback is chosen for the model the graphs will hold
+            for _ in _progress([calib_dir], "int8 sensitivity", progress):
+                choice = choose_fallback(rm, calib_images, calib_prompts,
+                                         TARGET_FRACTION * thresholds["mean_abs_dmu"], batch=batch)
 
     work = Path(tempfile.mkdtemp(prefix="zreward-export-"))
     try:
@@ -175,12 +189,14 @@ def export_bundle(
         fp32.mkdir()
         bundle.mkdir()
         steps = _progress(["vision", "decoder"], "export", progress)
-        for name in steps:
-            if name == "vision":
-                export_vision(rm, fp32 / "vision.onnx", opset=opset, external_data_threshold_bytes=external_data_threshold)
-            else:
-                export_decoder(rm, fp32 / "decoder.onnx", gdn=gdn, opset=opset,
-                               external_data_threshold_bytes=external_data_threshold)
+        with smoothed(rm.model, smoothing):  # the float graphs the quantizers read are the smoothed model
+            for name in steps:
+                if name == "vision":
+                    export_vision(rm, fp32 / "vision.onnx", opset=opset,
+                                  external_data_threshold_bytes=external_data_threshold)
+                else:
+                    export_decoder(rm, fp32 / "decoder.onnx", gdn=gdn, opset=opset,
+                                   external_data_threshold_bytes=external_data_threshold)
         rm.processor.tokenizer.save_pretrained(work / "tok")
         manifest = manifest_from_processor(rm.processor)
         info = model_info(rm)
@@ -201,6 +217,8 @@ def export_bundle(
                                                  choice.keep if choice else None)
             if choice is not None:
                 manifest["quantization"]["fallback"] = choice.report()
+            if smoothing is not None:
+                manifest["quantization"]["smoothing"] = smoothing.report()
             shutil.rmtree(fp32)
         shutil.copy2(work / "tok" / "tokenizer.json", bundle / "tokenizer.json")
         manifest["opset"] = _graph_opset(bundle / "decoder.onnx")  # quantizers may raise it (fp8: 19)

@@ -36,6 +36,10 @@ QUANT_ALIASES = {"int8": "int8-dynamic"}
 # ``export_bundle(fallback=...)``: int8-dynamic's per-layer float fallback, chosen by measured
 # sensitivity (export/quantize/sensitivity.py), or none
 FALLBACKS = ("auto", "none")
+# ``export_bundle(smooth=...)``: SmoothQuant-style scaling of the MLPs before the int8 modes
+# (export/quantize/smoothing.py), or none; the modes it applies to
+SMOOTHINGS = ("auto", "none")
+SMOOTHED_MODES = ("int8-dynamic", "int8-static")
 # A graph whose weights pass this many bytes keeps them in ``<graph>.data``. Far under protobuf's
 # 2 GiB message limit on purpose: an inline graph is serialised whole in memory (the weights twice
 # more while it is written and checked), while external data is written one tensor at a time and
