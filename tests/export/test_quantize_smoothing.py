@@ -100,24 +100,3 @@ def test_smoothing_lowers_the_emulated_int8_error_where_the_outliers_are(student
         smooth = emulated()
     print(f"emulated int8-dynamic mean |dmu| ({len(linears)} layers): {plain:.4f} plain, {smooth:.4f} smoothed")
     assert smooth < 0.6 * plain
-
-
-@needs_onnx
-def test_int8_export_smooths_by_default_and_leaves_the_callers_model_alone(tmp_path):
-    from zreward_fast.export import export_bundle
-
-    rm = _outlier_student()
-    before = {k: v.clone() for k, v in rm.model.state_dict().items()}
-    res = export_bundle(rm, tmp_path / "s", quantize="int8", num_pairs=16, progress=False, force=True, fallback="none")
-    assert all(torch.equal(v, before[k]) for k, v in rm.model.state_dict().items())
-    q = res.manifest["quantization"]
-    assert q["smoothing"]["mlps"] == len(gated_mlps(rm.model)) and q["smoothing"]["images"] == 8
-    assert q["smoothing"]["norms"] == 0  # the MLPs only (smoothing_scales explains why)
-    plain = export_bundle(rm, tmp_path / "n", quantize="int8", num_pairs=16, progress=False, force=True,
-                          fallback="none", smooth="none")
-    assert "smoothing" not in plain.manifest["quantization"]
-    smooth_err, plain_err = res.parity["overall"]["mean_abs_dmu"], plain.parity["overall"]["mean_abs_dmu"]
-    print(f"int8 parity mean |dmu|: smoothed {smooth_err:.4f}, plain {plain_err:.4f}")
-    assert smooth_err < 0.5 * plain_err
-    with pytest.raises(ValueError, match="smooth must be one of"):
-        export_bundle(rm, tmp_path / "x", quantize="int8", smooth="yes")
