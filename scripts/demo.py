@@ -67,15 +67,21 @@ class HTTPScorer:
         self.url, self.latencies = url, []
 
     def score(self, images, prompts, dimensions):
+        from zreward_fast.runtime.server import ServerConfig
         from zreward_fast.scale import ScoreResult
 
         items = [{"prompt": p, "image": png_b64(img)} for img, p in zip(images, prompts)]
-        status, body, secs = post(self.url, {"items": items, "dimensions": list(dimensions)})
-        if status != 200:
-            raise RuntimeError(f"HTTP {status}: {body}")
-        self.latencies.append(secs)
-        return [{d: ScoreResult(v["mean"], v["std"], tuple(v["probs"])) for d, v in r["scores"].items()}
-                for r in body["results"]]
+        per_request = ServerConfig().max_items  # the served default: a larger request is refused (400)
+        out = []
+        for start in range(0, len(items), per_request):
+            status, body, secs = post(self.url, {"items": items[start : start + per_request],
+                                                 "dimensions": list(dimensions)})
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}: {body}")
+            self.latencies.append(secs)
+            out += [{d: ScoreResult(v["mean"], v["std"], tuple(v["probs"])) for d, v in r["scores"].items()}
+                    for r in body["results"]]
+        return out
 
 
 def main() -> int:
