@@ -45,7 +45,7 @@ def test_gpu_check_script_parses():
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 47 s: CI's second step (`make test-heavy`) keeps `make test` within its budget
 def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path):
     """`gpu_check.sh --dry-run`: every step of the device run (the GPU tests collected and skipped,
     the four kernel benchmarks at tiny shapes, the engine's CPU smoke and profile, the summary, the
