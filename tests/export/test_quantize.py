@@ -274,6 +274,38 @@ def test_quantize_external_data(block_graph, tmp_path):
 
 
 @needs_onnx
+@pytest.mark.parametrize("external", [False, True])
+def test_int8_dynamic_writes_what_quantize_dynamic_writes(tiny_sources, tmp_path, monkeypatch, external):
+    """The weights-held-once driver (export/quantize/dynamic.py) against onnxruntime's own
+    `quantize_dynamic` on a real decoder graph: the same nodes and the same weights, bit for bit."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def ort_quantize_dynamic(job):
+        quantize_dynamic(job.src, job.dst, op_types_to_quantize=["MatMul"], per_channel=job.per_channel,
+                         reduce_range=job.reduce_range, weight_type=QuantType.QInt8, nodes_to_quantize=job.nodes_q,
+                         nodes_to_exclude=job.nodes_x, use_external_data_format=job.external_data,
+                         extra_options={"MatMulConstBOnly": True})
+
+    src = tiny_sources[1] / "decoder.onnx"
+    ours = zq.quantize_bundle_graph(src, tmp_path / "ours" / "d.onnx", "int8-dynamic", external_data=external,
+                                    show_progress=False)
+    monkeypatch.setitem(zq.PIPELINES, ("int8-dynamic", "onnxruntime"), ort_quantize_dynamic)
+    theirs = zq.quantize_bundle_graph(src, tmp_path / "ort" / "d.onnx", "int8-dynamic", external_data=external,
+                                      show_progress=False)
+    assert ours["quantized"] == theirs["quantized"] > 0
+    a, b = (onnx.load(str(tmp_path / d / "d.onnx")) for d in ("ours", "ort"))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == \
+           [(n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
+    assert {v.name for v in a.graph.value_info} == {v.name for v in b.graph.value_info}
+    wa = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    wb = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert wa.keys() == wb.keys() and any(w.dtype == np.int8 for w in wa.values())
+    for name in wa:
+        assert wa[name].dtype == wb[name].dtype and np.array_equal(wa[name], wb[name]), name
+
+
+@needs_onnx
 def test_quantize_errors_and_nothing_to_quantize(block_graph, tmp_path):
     src = block_graph["path"]
     with pytest.raises(ValueError, match="mode must be one of"):

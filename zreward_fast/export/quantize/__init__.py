@@ -28,7 +28,6 @@ from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
     QuantType,
-    quantize_dynamic,
     quantize_static,
 )
 
@@ -40,6 +39,7 @@ from .calibration import (
     calibration_providers,
     check_reader_inputs,
 )
+from .dynamic import quantize_dynamic_lean
 from .files import finalize_output, graph_size_bytes, remove_graph, save_graph, tensor_bytes
 from .passes import annotate_custom_op_types, prepare_for_quantization, raise_opset
 from .policy import EXCLUDE_PATTERNS, GRAPH_RULES, MAX_HEAD_ROWS, MIN_QUANT_ELEMENTS, select_quantizable_nodes
@@ -84,11 +84,9 @@ class _Job:
 
 
 def _int8_dynamic(job: _Job) -> None:
-    quantize_dynamic(
-        job.src, job.dst, op_types_to_quantize=["MatMul"], per_channel=job.per_channel, reduce_range=job.reduce_range,
-        weight_type=QuantType.QInt8, nodes_to_quantize=job.nodes_q, nodes_to_exclude=job.nodes_x,
-        use_external_data_format=job.external_data, extra_options={"MatMulConstBOnly": True},
-    )
+    # quantize_dynamic's own quantizer, its weights held once (:mod:`.dynamic`)
+    quantize_dynamic_lean(job.src, job.dst, nodes_to_quantize=job.nodes_q, nodes_to_exclude=job.nodes_x,
+                          per_channel=job.per_channel, reduce_range=job.reduce_range, external_data=job.external_data)
 
 
 def _int8_static(job: _Job) -> None:
