@@ -13,6 +13,8 @@ CORE = [
     "tqdm>=4.66",
 ]
 
+MODELOPT = ["nvidia-modelopt>=0.40", "onnx-graphsurgeon>=0.5", "onnxslim>=0.1.70", "polygraphy>=0.49",
+            "onnxconverter-common>=1.14", "lief>=0.14", "cppimport>=22.8"]
 EXTRAS = {
     # Triton runs the fused kernels (on CPU through TRITON_INTERPRET=1); without it the
     # torch reference is used.
@@ -23,12 +25,16 @@ EXTRAS = {
               "prometheus-client>=0.20", "httpx>=0.27"],
     "ray": ["ray[serve]>=2.30", "pandas>=2.0"],  # Ray Data needs pandas
     "openvino": ["openvino>=2025.0"],  # Scorer(backend="openvino")
+    # NVIDIA ModelOpt's ONNX PTQ (export --tool modelopt: int8-static and fp8 QDQ for TensorRT): the
+    # package without its [onnx] extra, which would pull onnxruntime-gpu and cupy, plus the ONNX
+    # tools its quantizer imports
+    "modelopt": MODELOPT,
     "data": ["pyarrow>=14"],  # Parquet manifests, tables and score outputs
     "bench": ["matplotlib>=3.8", "liger-kernel>=0.5"],
     "dev": ["pytest>=8.0", "triton>=3.2", "matplotlib>=3.8", "accelerate>=1.0", "scipy>=1.11", "pyyaml>=6.0",
             "onnx>=1.17", "onnxruntime>=1.22", "onnxscript>=0.2", "fastapi>=0.110", "uvicorn>=0.29",
             "prometheus-client>=0.20", "httpx>=0.27", "ray[serve]>=2.30", "pyarrow>=14", "pandas>=2.0",
-            "openvino>=2025.0"],
+            "openvino>=2025.0", *MODELOPT],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 

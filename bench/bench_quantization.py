@@ -2,6 +2,7 @@
 
     python bench/bench_quantization.py [--size 0.8B] [--layers 4] [--vision-depth 2] [--pairs 24]
         [--modes int8-dynamic int8-weight int4-weight] [--weights random outliers probed]
+        [--tools onnxruntime modelopt] [--tag NAME]
 
 The student is random at the size's real widths (``zreward_fast.testing.real_model``, reduced
 depth, 448x448). ``outliers`` gives it the outlier features of trained checkpoints
@@ -10,6 +11,8 @@ depth, 448x448). ``outliers`` gives it the outlier features of trained checkpoin
 features (a linear probe), so that held-out pairs have real margins and the gate's pairwise
 agreement counts most of them (a random model ties nearly every pair). Each row is one
 ``export_bundle`` with its parity report against the PyTorch model; the CSV is the record.
+``--tools`` runs the QDQ modes (int8-static, fp8) once per quantizer: onnxruntime's and NVIDIA
+ModelOpt's ONNX PTQ, on the same node selection and calibration images.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 from common import device_name, plot_bars, write_results  # noqa: E402
 
-FIELDS = ("size", "weights", "mode", "mean_abs_dmu", "max_abs_dmu", "pair_agreement_pooled", "pairs_compared",
+FIELDS = ("size", "weights", "mode", "tool", "mean_abs_dmu", "max_abs_dmu", "pair_agreement_pooled", "pairs_compared",
           "failures", "seconds", "bundle_mb")
 
 
@@ -80,6 +83,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["int8-dynamic", "int8-weight", "int4-weight"])
     ap.add_argument("--weights", nargs="+", default=["random", "outliers", "probed"],
                     choices=["random", "outliers", "probed"])
+    ap.add_argument("--tools", nargs="+", default=["auto"], choices=["auto", "onnxruntime", "modelopt"],
+                    help="quantizers of the QDQ modes (int8-static, fp8); other modes always use onnxruntime's")
+    ap.add_argument("--tag", default="", help="appended to the results' file names")
     ap.add_argument("--probe-images", type=int, default=64)
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
@@ -88,6 +94,7 @@ def main() -> None:
 
     from zreward_fast import ZRewardModel
     from zreward_fast.export import export_bundle
+    from zreward_fast.export.quantize import MODELOPT_MODES
     from zreward_fast.testing import add_outlier_channels, real_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -101,13 +108,17 @@ def main() -> None:
         rm = ZRewardModel(model, processor).eval()
         if weights == "probed":
             print(f"probe: held-out PLCC {probe_score_rows(rm, args.probe_images):.3f}", flush=True)
-        for mode in args.modes:
+        runs = [(m, t) for m in args.modes for t in (args.tools if m in MODELOPT_MODES else ["auto"])]
+        for mode, tool in runs:
             work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
             try:  # bundles are GBs at real width: never leave them behind
                 t = time.perf_counter()
-                res = export_bundle(rm, work / "b", quantize=mode, num_pairs=args.pairs, force=True, progress=False)
+                res = export_bundle(rm, work / "b", quantize=mode, num_pairs=args.pairs, force=True, progress=False,
+                                    quant_tool=tool)
                 o = res.parity["overall"]
-                row = {"size": args.size, "weights": weights, "mode": mode, "mean_abs_dmu": o["mean_abs_dmu"],
+                used = sorted({g["tool"] for g in res.manifest["quantization"]["graphs"].values()})
+                row = {"size": args.size, "weights": weights, "mode": mode, "tool": "+".join(used),
+                       "mean_abs_dmu": o["mean_abs_dmu"],
                        "max_abs_dmu": o["max_abs_dmu"], "pair_agreement_pooled": o["pair_agreement_pooled"],
                        "pairs_compared": sum(b["pairs_compared"] for b in res.parity["dimensions"].values()),
                        "failures": len(res.failures), "seconds": time.perf_counter() - t,
@@ -118,10 +129,10 @@ def main() -> None:
             print(row, flush=True)
         del rm, model
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(rows, out_dir, f"quantization_{args.size}", FIELDS,
+    write_results(rows, out_dir, f"quantization_{args.size}{args.tag}", FIELDS,
                   f"Qwen3.5-{args.size} width, {args.layers} layers: mean |dmu| by mode and weights",
                   plot=plot_bars, key="mean_abs_dmu", ylabel="mean |delta mu| vs PyTorch",
-                  label=lambda r: f"{r['weights']}\n{r['mode']}")
+                  label=lambda r: f"{r['weights']}\n{r['mode']}\n{r['tool']}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .dimensions import DIMENSIONS
-from .runtime.bundle import BACKENDS, FALLBACKS, GDN_FORMS, QUANT_ALIASES, QUANT_MODES, SMOOTHINGS
+from .runtime.bundle import BACKENDS, FALLBACKS, GDN_FORMS, QUANT_ALIASES, QUANT_MODES, QUANT_TOOLS, SMOOTHINGS
 from .runtime.openvino_backend import PRECISIONS
 
 
@@ -211,7 +211,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         benchmark = json.loads(Path(args.benchmark).read_text()) if args.benchmark else None
         result = export_bundle(resolve(args.model, args.revision, args.local_files_only), args.out, quantize=args.quantize, calib_dir=args.calib, gdn=args.gdn,
                                force=args.force, num_pairs=args.pairs, overwrite=args.overwrite, benchmark=benchmark,
-                               fallback=args.fallback, smooth=args.smooth)
+                               fallback=args.fallback, smooth=args.smooth, quant_tool=args.tool)
     except ExportParityError as e:
         print(f"error: {e}", file=sys.stderr)
         print(json.dumps(e.report.get("overall", {}), indent=1), file=sys.stderr)
@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--smooth", default="auto", choices=SMOOTHINGS,
                    help="int8: move each MLP's activation outliers into its weights first (SmoothQuant, "
                         "power-of-two scales from the calibration images; default), or not")
+    e.add_argument("--tool", default="auto", choices=QUANT_TOOLS,
+                   help="quantizer of int8-static and fp8: NVIDIA ModelOpt's ONNX PTQ (pip install "
+                        "nvidia-modelopt[onnx]), onnxruntime's, or auto (ModelOpt for fp8 where installed)")
     e.add_argument("--pairs", type=int, default=200, help="held-out synthetic pairs for the parity report")
     e.add_argument("--force", action="store_true", help="write the bundle even if it misses its parity thresholds")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")

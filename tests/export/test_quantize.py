@@ -65,14 +65,22 @@ def _weight_dtypes(model) -> dict[str, int]:
     return {t.name: t.data_type for t in model.graph.initializer}
 
 
+MODES_AND_TOOLS = [("int8-dynamic", "onnxruntime"), ("int8-static", "onnxruntime"), ("fp8", "onnxruntime"),
+                   ("int8-weight", "onnxruntime"), ("int4-weight", "onnxruntime"),
+                   # NVIDIA ModelOpt's ONNX PTQ, run for real where it is installed (make install's dev extra)
+                   ("int8-static", "modelopt"), ("fp8", "modelopt")]
+
+
 @needs_onnx
-@pytest.mark.parametrize("mode", ["int8-dynamic", "int8-static", "fp8", "int8-weight", "int4-weight"])
-def test_quantize_modes(block_graph, tmp_path, mode):
+@pytest.mark.parametrize("mode,tool", MODES_AND_TOOLS)
+def test_quantize_modes(block_graph, tmp_path, mode, tool):
+    if tool == "modelopt" and not zq.modelopt_available():
+        pytest.skip("NVIDIA ModelOpt is not installed (pip install -e '.[modelopt]')")
     src = block_graph["path"]
     reader = zq.ArrayCalibrationReader(block_graph["calib"]) if mode in zq.CALIBRATED_MODES else None
     dst = tmp_path / f"{mode}.onnx"
-    report = zq.quantize_bundle_graph(src, dst, mode, reader, show_progress=False)
-    assert report["mode"] == mode and report["tool"] == "onnxruntime" and report["external_data"] is False
+    report = zq.quantize_bundle_graph(src, dst, mode, reader, show_progress=False, tool=tool)
+    assert report["mode"] == mode and report["tool"] == tool and report["external_data"] is False
     # mlp gate/up/down and the Gemm are quantized; the gate projection and the score head are not.
     modules = {v["module"]: v["reason"] for v in report["excluded_reasons"].values()}
     # TorchScript drops the scope of a bare nn.Module container: "/in_proj_a/MatMul"
@@ -319,10 +327,14 @@ def test_quantize_errors_and_nothing_to_quantize(block_graph, tmp_path):
         zq.quantize_bundle_graph(tmp_path / "nope.onnx", tmp_path / "a.onnx", "int8-dynamic")
     with pytest.raises(ValueError):
         zq.ArrayCalibrationReader([])
+    with pytest.raises(ValueError, match="tool must be"):
+        zq.quantize_bundle_graph(src, tmp_path / "a.onnx", "int8-dynamic", tool="tensorrt")
+    with pytest.raises(ValueError, match="not 'int8-dynamic'"):
+        zq.quantize_bundle_graph(src, tmp_path / "a.onnx", "int8-dynamic", tool="modelopt")
     if not zq.modelopt_available():
         with pytest.raises(ImportError, match="ModelOpt"):
             zq.quantize_bundle_graph(src, tmp_path / "a.onnx", "fp8", zq.ArrayCalibrationReader(block_graph["calib"]),
-                                     fp8_tool="modelopt")
+                                     tool="modelopt")
 
     class Tiny(nn.Module):
         def __init__(self):

@@ -22,7 +22,8 @@ from .. import __version__
 from ..fileio import staged_directory
 from ..modeling import ZRewardModel
 from ..models.gated_deltanet import check_gdn_form
-from ..runtime.bundle import EXTERNAL_DATA_THRESHOLD, FALLBACKS, SMOOTHED_MODES, SMOOTHINGS, resolve_quant_mode
+from ..runtime.bundle import (EXTERNAL_DATA_THRESHOLD, FALLBACKS, QUANT_TOOLS, SMOOTHED_MODES, SMOOTHINGS,
+                              resolve_quant_mode)
 
 #: calibration images the fallback is measured on (one forward pass each try, at most ~log2 of the
 #: candidate layers tries)
@@ -120,6 +121,7 @@ def export_bundle(
     benchmark: dict | None = None,
     fallback: str = "auto",
     smooth: str = "auto",
+    quant_tool: str = "auto",
 ) -> ExportResult:
     """Export ``model`` (a :class:`ZRewardModel` or a saved model directory) to a bundle, with its
     model card (``README.md``: ``benchmark`` is an :func:`~zreward_fast.evaluation.evaluate` report
@@ -132,7 +134,9 @@ def export_bundle(
     (``quantization.fallback``). ``smooth="auto"`` (int8-dynamic, int8-static): each MLP's
     activation outliers are first moved into its weights (SmoothQuant, power-of-two scales from the
     same calibration images; the float model's outputs are unchanged and the caller's model gets its
-    weights back bit-exactly); the scales' summary is in ``quantization.smoothing``."""
+    weights back bit-exactly); the scales' summary is in ``quantization.smoothing``.
+    ``quant_tool`` picks the quantizer of the QDQ modes (int8-static, fp8): ``"modelopt"`` (NVIDIA
+    ModelOpt's ONNX PTQ), ``"onnxruntime"``, or ``"auto"`` (``quantize.AUTO_TOOL``)."""
     from ..runtime import Scorer
     from ..runtime.bundle import update_manifest, write_manifest
     from .manifest import manifest_from_processor
@@ -147,6 +151,8 @@ def export_bundle(
         raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if smooth not in SMOOTHINGS:
         raise ValueError(f"smooth must be one of {SMOOTHINGS}, got {smooth!r}")
+    if quant_tool not in QUANT_TOOLS:
+        raise ValueError(f"quant_tool must be one of {QUANT_TOOLS}, got {quant_tool!r}")
     if num_pairs < 1:
         raise ValueError("num_pairs must be >= 1")
     out = Path(out_dir)
@@ -214,7 +220,7 @@ def export_bundle(
             shutil.copy2(work / "tok" / "tokenizer.json", fp32 / "tokenizer.json")
             write_manifest(fp32, dict(manifest, quantization={"mode": "none"}))
             manifest["quantization"] = _quantize(fp32, bundle, mode, calib_dir, external_data_threshold, progress,
-                                                 choice.keep if choice else None)
+                                                 choice.keep if choice else None, quant_tool)
             if choice is not None:
                 manifest["quantization"]["fallback"] = choice.report()
             if smoothing is not None:
@@ -258,9 +264,9 @@ def _graph_opset(path: Path) -> int:
 
 
 def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold: int, progress: bool,
-              keep: dict | None = None) -> dict:
+              keep: dict | None = None, tool: str = "auto") -> dict:
     """Quantize both graphs; static modes calibrate on images run through the fp32 bundle."""
-    from .quantize import CALIBRATED_MODES, ArrayCalibrationReader, quantize_bundle_graph
+    from .quantize import CALIBRATED_MODES, MODELOPT_MODES, ArrayCalibrationReader, quantize_bundle_graph
 
     readers: dict[str, Any] = {"vision": None, "decoder": None}
     calibration = None
@@ -289,5 +295,5 @@ def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold
         src = fp32 / f"{name}.onnx"
         external = (fp32 / f"{name}.onnx.data").exists() or src.stat().st_size > external_threshold
         reports[name] = quantize_bundle_graph(src, bundle / f"{name}.onnx", mode, readers[name], external_data=external,
-                                              keep=keep)
+                                              keep=keep, tool=tool if mode in MODELOPT_MODES else "auto")
     return {"mode": mode, "calibration": calibration, "graphs": reports}

@@ -57,6 +57,11 @@ WEIGHT_ACCURACY_LEVEL = 4
 MODES: tuple[str, ...] = tuple(m for m in QUANT_MODES if m != "none")
 #: modes whose activation ranges come from calibration images
 CALIBRATED_MODES: tuple[str, ...] = ("int8-static", "fp8")
+#: QDQ modes NVIDIA ModelOpt's ONNX quantizer can write (``quantize_bundle_graph(tool=...)``)
+MODELOPT_MODES: tuple[str, ...] = ("int8-static", "fp8")
+#: the quantizer ``tool="auto"`` uses per mode (ModelOpt falls back to onnxruntime where it is not
+#: installed): fp8 follows TensorRT's own Q/DQ rules
+AUTO_TOOL: dict[str, str] = {"fp8": "modelopt"}
 
 
 def modelopt_available() -> bool:
@@ -138,15 +143,15 @@ def _fp8_onnxruntime(job: _Job) -> None:
     )
 
 
-def _fp8_modelopt(job: _Job) -> None:
-    """fp8 QDQ with ModelOpt (TensorRT's own rules for Q/DQ placement); written to the documented API."""
+def _modelopt(job: _Job, quantize_mode: str) -> None:
+    """int8 or fp8 QDQ with ModelOpt (TensorRT's own rules for Q/DQ placement); written to the documented API."""
     from modelopt.onnx.quantization import quantize as mo_quantize
 
     reader = job.reader
     params = inspect.signature(mo_quantize).parameters
     eps = ["cuda:0", "cpu"] if "CUDAExecutionProvider" in calibration_providers() else ["cpu"]
     kwargs: dict[str, Any] = {
-        "quantize_mode": "fp8",
+        "quantize_mode": quantize_mode,
         "calibration_method": "max",
         "calibration_eps": eps,
         "op_types_to_quantize": ["MatMul", "Gemm"],
@@ -156,6 +161,7 @@ def _fp8_modelopt(job: _Job) -> None:
         "use_external_data_format": job.external_data,
         "output_path": str(job.dst),
         "high_precision_dtype": "fp32",  # keep everything not quantized in fp32, as the other modes
+        "dq_only": True,  # weights stored quantized (DequantizeLinear only), not float behind a QuantizeLinear
     }
     if "calibration_data_reader" in params:
         kwargs["calibration_data_reader"] = reader
@@ -172,7 +178,8 @@ PIPELINES: dict[tuple[str, str], Callable[[_Job], None]] = {
     ("int8-dynamic", "onnxruntime"): _int8_dynamic,
     ("int8-static", "onnxruntime"): _int8_static,
     ("fp8", "onnxruntime"): _fp8_onnxruntime,
-    ("fp8", "modelopt"): _fp8_modelopt,
+    ("fp8", "modelopt"): lambda job: _modelopt(job, "fp8"),
+    ("int8-static", "modelopt"): lambda job: _modelopt(job, "int8"),
     ("int8-weight", "onnxruntime"): lambda job: _weight_only(job, 8),
     ("int4-weight", "onnxruntime"): lambda job: _weight_only(job, 4),
 }
@@ -187,7 +194,7 @@ def quantize_bundle_graph(
     *,
     per_channel: bool = True,
     reduce_range: bool = False,
-    fp8_tool: Literal["auto", "modelopt", "onnxruntime"] = "auto",
+    tool: Literal["auto", "modelopt", "onnxruntime"] = "auto",
     show_progress: bool = True,
     keep: Mapping[tuple[str, int, str], str] | None = None,
 ) -> dict[str, Any]:
@@ -205,9 +212,13 @@ def quantize_bundle_graph(
       on CPU, OpenVINO as fast as int8-dynamic.
     * ``"int8-static"``: ``quantize_static`` in QDQ format, symmetric int8 weights (per channel) and
       activations (MinMax ranges from ``calibration_reader``): for GPU back ends and TensorRT.
-    * ``"fp8"``: float8 e4m3fn QDQ. ModelOpt's quantizer when installed (``fp8_tool="auto"``),
+    * ``"fp8"``: float8 e4m3fn QDQ. ModelOpt's quantizer when installed (``tool="auto"``),
       else onnxruntime's (``QFLOAT8E4M3FN``, Distribution calibration, opset raised to 19).
       onnxruntime's CPU EP runs it with dequantized fp32 arithmetic; the speed-up is TensorRT's.
+
+    ``tool`` picks the quantizer of the QDQ modes (:data:`MODELOPT_MODES`): ``"modelopt"`` (NVIDIA
+    ModelOpt's ONNX PTQ, max calibration, on the same node selection), ``"onnxruntime"``, or
+    ``"auto"``: the one :data:`AUTO_TOOL` names for the mode, ModelOpt only where it is installed.
 
     Only the nodes chosen by :func:`select_quantizable_nodes` are quantized (``keep``: layers it
     leaves in float besides, by measured sensitivity; :mod:`.sensitivity`). Calibration runs
@@ -219,22 +230,22 @@ def quantize_bundle_graph(
     src, dst = Path(src), Path(dst)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if fp8_tool not in ("auto", "modelopt", "onnxruntime"):
-        raise ValueError(f"fp8_tool must be 'auto', 'modelopt' or 'onnxruntime', got {fp8_tool!r}")
+    if tool not in ("auto", "modelopt", "onnxruntime"):
+        raise ValueError(f"tool must be 'auto', 'modelopt' or 'onnxruntime', got {tool!r}")
+    if tool == "modelopt" and mode not in MODELOPT_MODES:
+        raise ValueError(f"tool='modelopt' quantizes {MODELOPT_MODES}, not {mode!r}")
     if not src.is_file():
         raise FileNotFoundError(f"ONNX graph not found: {src}")
     if src.resolve() == dst.resolve():
         raise ValueError("dst must differ from src")
     if mode in CALIBRATED_MODES and calibration_reader is None:
         raise ValueError(f"mode {mode!r} is calibrated: pass a calibration_reader (e.g. ArrayCalibrationReader)")
-    tool = "onnxruntime"
-    if mode == "fp8" and fp8_tool != "onnxruntime":
-        if modelopt_available():
-            tool = "modelopt"
-        elif fp8_tool == "modelopt":
-            raise ImportError(
-                "fp8_tool='modelopt' but NVIDIA ModelOpt is not installed (pip install nvidia-modelopt[onnx])"
-            )
+    if tool == "auto":
+        tool = AUTO_TOOL.get(mode, "onnxruntime")
+        if tool == "modelopt" and not modelopt_available():
+            tool = "onnxruntime"
+    elif tool == "modelopt" and not modelopt_available():
+        raise ImportError("tool='modelopt' but NVIDIA ModelOpt is not installed (pip install nvidia-modelopt[onnx])")
 
     size_before = graph_size_bytes(src)
     model = onnx.load(str(src))
@@ -300,7 +311,9 @@ __all__ = [
     "GRAPH_RULES",
     "MAX_HEAD_ROWS",
     "MIN_QUANT_ELEMENTS",
+    "AUTO_TOOL",
     "CALIBRATED_MODES",
+    "MODELOPT_MODES",
     "MODES",
     "PIPELINES",
     "WEIGHT_ACCURACY_LEVEL",

@@ -50,6 +50,10 @@ class ArrayCalibrationReader(CalibrationDataReader):
     def rewind(self) -> None:
         self._pos = 0
 
+    def get_first(self) -> dict[str, np.ndarray]:
+        """The first feed, without moving on (ModelOpt's reader protocol: its trial run)."""
+        return self._feeds[self._start]
+
     def __len__(self) -> int:
         return self._end - self._start
 
@@ -79,6 +83,13 @@ class _ProgressReader(CalibrationDataReader):
         else:
             self._bar.update(1)
         return item
+
+    def get_first(self) -> dict | None:
+        return self._reader.get_first()
+
+    def rewind(self) -> None:  # ModelOpt reads the feeds more than once (a trial run, then calibration)
+        self._reader.rewind()
+        self._bar.reset()
 
     def __len__(self) -> int:
         return len(self._reader)
