@@ -257,6 +257,25 @@ def test_fp8_uses_modelopt_when_installed(block_graph, tmp_path, monkeypatch):
 
 
 @needs_onnx
+def test_modelopt_leaves_onnxruntimes_quantizers_as_it_found_them(block_graph, tmp_path):
+    """ModelOpt patches onnxruntime's calibrators in place and never restores them (its
+    `patch_ort_modules`); after a ModelOpt run, onnxruntime's int8-static works in the same process."""
+    if not zq.modelopt_available():
+        pytest.skip("NVIDIA ModelOpt is not installed (pip install -e '.[modelopt]')")
+    from onnxruntime.quantization import calibrate
+
+    before = calibrate.create_calibrator, dict(vars(calibrate.MinMaxCalibrater))
+    reader = zq.ArrayCalibrationReader(block_graph["calib"])
+    zq.quantize_bundle_graph(block_graph["path"], tmp_path / "mo.onnx", "int8-static", reader, show_progress=False,
+                             tool="modelopt")
+    assert calibrate.create_calibrator is before[0] and dict(vars(calibrate.MinMaxCalibrater)) == before[1]
+    reader.rewind()
+    report = zq.quantize_bundle_graph(block_graph["path"], tmp_path / "ort.onnx", "int8-static", reader,
+                                      show_progress=False, tool="onnxruntime")
+    assert report["tool"] == "onnxruntime" and report["quantized"] == 4
+
+
+@needs_onnx
 def test_quantize_external_data(block_graph, tmp_path):
     src = tmp_path / "src" / "block.onnx"
     src.parent.mkdir()

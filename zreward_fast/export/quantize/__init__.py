@@ -12,16 +12,12 @@ the quantizer call.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-import numpy as np
 import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -40,6 +36,7 @@ from .calibration import (
     check_reader_inputs,
 )
 from .dynamic import quantize_dynamic_lean
+from .modelopt_ptq import modelopt_available, modelopt_quantize
 from .files import finalize_output, graph_size_bytes, remove_graph, save_graph, tensor_bytes
 from .passes import annotate_custom_op_types, prepare_for_quantization, raise_opset
 from .policy import EXCLUDE_PATTERNS, GRAPH_RULES, MAX_HEAD_ROWS, MIN_QUANT_ELEMENTS, select_quantizable_nodes
@@ -62,15 +59,6 @@ MODELOPT_MODES: tuple[str, ...] = ("int8-static", "fp8")
 #: the quantizer ``tool="auto"`` uses per mode (ModelOpt falls back to onnxruntime where it is not
 #: installed): fp8 follows TensorRT's own Q/DQ rules
 AUTO_TOOL: dict[str, str] = {"fp8": "modelopt"}
-
-
-def modelopt_available() -> bool:
-    """Whether NVIDIA ModelOpt's ONNX quantizer imports here (it is the preferred fp8 tool)."""
-    try:
-        importlib.import_module("modelopt.onnx.quantization")
-    except Exception:  # noqa: BLE001 - a broken install counts as absent
-        return False
-    return True
 
 
 @dataclass
@@ -144,33 +132,7 @@ def _fp8_onnxruntime(job: _Job) -> None:
 
 
 def _modelopt(job: _Job, quantize_mode: str) -> None:
-    """int8 or fp8 QDQ with ModelOpt (TensorRT's own rules for Q/DQ placement); written to the documented API."""
-    from modelopt.onnx.quantization import quantize as mo_quantize
-
-    reader = job.reader
-    params = inspect.signature(mo_quantize).parameters
-    eps = ["cuda:0", "cpu"] if "CUDAExecutionProvider" in calibration_providers() else ["cpu"]
-    kwargs: dict[str, Any] = {
-        "quantize_mode": quantize_mode,
-        "calibration_method": "max",
-        "calibration_eps": eps,
-        "op_types_to_quantize": ["MatMul", "Gemm"],
-        # ModelOpt reads these as regular expressions: anchor and escape the exact names.
-        "nodes_to_quantize": [f"^{re.escape(n)}$" for n in job.nodes_q],
-        "nodes_to_exclude": [f"^{re.escape(n)}$" for n in job.nodes_x],
-        "use_external_data_format": job.external_data,
-        "output_path": str(job.dst),
-        "high_precision_dtype": "fp32",  # keep everything not quantized in fp32, as the other modes
-        "dq_only": True,  # weights stored quantized (DequantizeLinear only), not float behind a QuantizeLinear
-    }
-    if "calibration_data_reader" in params:
-        kwargs["calibration_data_reader"] = reader
-    else:  # older ModelOpt: a dict of arrays stacked along the batch axis
-        feeds = list(reader)
-        kwargs["calibration_data"] = {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in kwargs.items() if accepts_any or k in params}
-    mo_quantize(str(job.src), **kwargs)
+    modelopt_quantize(job.src, job.dst, quantize_mode, job.reader, job.nodes_q, job.nodes_x, job.external_data)
 
 
 #: (mode, tool) -> the quantizer call that writes ``job.dst``
