@@ -93,12 +93,22 @@ def test_int8_bundle_of_a_trained_student_keeps_preferences(student, tmp_path):
 
 
 def test_fp8_and_static_int8_bundles_are_produced_with_parity(rm, tmp_path):
-    for mode in ("fp8", "int8-static"):
-        res = export_bundle(rm, tmp_path / mode, quantize=mode, num_pairs=20, progress=False, force=True)
+    """Each QDQ mode once, by the quantizer `auto` picks (fp8: ModelOpt where installed) and, for
+    int8-static, by ModelOpt when it is installed (make install's dev extra); the manifest names it."""
+    from zreward_fast.export.quantize import modelopt_available
+
+    modelopt = modelopt_available()
+    for mode, tool in (("fp8", "auto"), ("int8-static", "modelopt" if modelopt else "onnxruntime")):
+        res = export_bundle(rm, tmp_path / mode, quantize=mode, num_pairs=20, progress=False, force=True,
+                            quant_tool=tool)
         q = res.manifest["quantization"]
         assert q["mode"] == mode and "synthetic" in q["calibration"]
+        expected = "modelopt" if modelopt else "onnxruntime"
+        assert {g["tool"] for g in q["graphs"].values()} == {expected}, q["graphs"]
         assert np.isfinite(res.parity["overall"]["mean_abs_dmu"])
         assert Scorer(res.path).score(*held_out_pairs(1)[:2])
+    with pytest.raises(ValueError, match="quant_tool must be one of"):
+        export_bundle(rm, tmp_path / "x", quantize="fp8", quant_tool="trt")
 
 
 def test_decomposed_and_contrib_bundles_agree(rm, fp32_bundle, tmp_path):
