@@ -1,9 +1,10 @@
 """Quantization of the bundle graphs: int8 dynamic (CPU), int8/int4 weight-only (CPU), int8 static
 QDQ and fp8 e4m3 QDQ.
 
-The quantizers themselves are onnxruntime's (``quantize_dynamic`` / ``quantize_static`` /
-``MatMulNBitsQuantizer``) and, for
-fp8 where it is installed, NVIDIA ModelOpt's ONNX quantizer. What this package adds is the part they
+The quantizers themselves are onnxruntime's (``quantize_dynamic``'s ``ONNXQuantizer``, driven with
+the weights held once by :mod:`.dynamic`; ``quantize_static``; ``MatMulNBitsQuantizer``) and, for
+the QDQ modes where it is installed, NVIDIA ModelOpt's ONNX PTQ (:mod:`.modelopt_ptq`; fp8's
+default, int8-static's on request). What this package adds is the part they
 cannot know: *which* nodes of a Qwen3.5 reward graph may lose precision (:mod:`.policy`, with a
 reason for every node kept in float), and the surgery that makes an exported graph digestible for
 them (:mod:`.passes`, named passes over one :mod:`.graph` index). :mod:`.calibration` holds the
