@@ -109,6 +109,11 @@ def test_fp8_and_static_int8_bundles_are_produced_with_parity(rm, tmp_path):
         assert Scorer(res.path).score(*held_out_pairs(1)[:2])
     with pytest.raises(ValueError, match="quant_tool must be one of"):
         export_bundle(rm, tmp_path / "x", quantize="fp8", quant_tool="trt")
+    # ModelOpt asked for a mode it does not write: refused, not quietly onnxruntime's
+    for mode in ("int8", "int8-weight", "none"):
+        with pytest.raises(ValueError, match="quant_tool='modelopt' quantizes"):
+            export_bundle(rm, tmp_path / "x", quantize=mode, quant_tool="modelopt")
+    assert not (tmp_path / "x").exists()
 
 
 def test_decomposed_and_contrib_bundles_agree(rm, fp32_bundle, tmp_path):

@@ -22,8 +22,8 @@ from .. import __version__
 from ..fileio import staged_directory
 from ..modeling import ZRewardModel
 from ..models.gated_deltanet import check_gdn_form
-from ..runtime.bundle import (EXTERNAL_DATA_THRESHOLD, FALLBACKS, QUANT_TOOLS, SMOOTHED_MODES, SMOOTHINGS,
-                              resolve_quant_mode)
+from ..runtime.bundle import (EXTERNAL_DATA_THRESHOLD, FALLBACKS, MODELOPT_MODES, QUANT_TOOLS, SMOOTHED_MODES,
+                              SMOOTHINGS, resolve_quant_mode)
 
 #: calibration images the fallback is measured on (one forward pass each try, at most ~log2 of the
 #: candidate layers tries)
@@ -153,6 +153,9 @@ def export_bundle(
         raise ValueError(f"smooth must be one of {SMOOTHINGS}, got {smooth!r}")
     if quant_tool not in QUANT_TOOLS:
         raise ValueError(f"quant_tool must be one of {QUANT_TOOLS}, got {quant_tool!r}")
+    if quant_tool == "modelopt" and mode not in MODELOPT_MODES:  # never silently onnxruntime's instead
+        raise ValueError(f"quant_tool='modelopt' quantizes {MODELOPT_MODES}, not {mode!r}: "
+                         "use quant_tool='auto' or 'onnxruntime'")
     if num_pairs < 1:
         raise ValueError("num_pairs must be >= 1")
     out = Path(out_dir)
@@ -266,7 +269,7 @@ def _graph_opset(path: Path) -> int:
 def _quantize(fp32: Path, bundle: Path, mode: str, calib_dir, external_threshold: int, progress: bool,
               keep: dict | None = None, tool: str = "auto") -> dict:
     """Quantize both graphs; static modes calibrate on images run through the fp32 bundle."""
-    from .quantize import CALIBRATED_MODES, MODELOPT_MODES, ArrayCalibrationReader, quantize_bundle_graph
+    from .quantize import CALIBRATED_MODES, ArrayCalibrationReader, quantize_bundle_graph
 
     readers: dict[str, Any] = {"vision": None, "decoder": None}
     calibration = None

@@ -43,6 +43,8 @@ SMOOTHED_MODES = ("int8-dynamic", "int8-static")
 # ``export_bundle(quant_tool=...)``: the quantizer of the QDQ modes (int8-static, fp8): NVIDIA
 # ModelOpt's ONNX PTQ, onnxruntime's, or auto (export/quantize/__init__.py: AUTO_TOOL)
 QUANT_TOOLS = ("auto", "modelopt", "onnxruntime")
+# the QDQ modes ModelOpt's ONNX quantizer can write (the others have onnxruntime's only)
+MODELOPT_MODES = ("int8-static", "fp8")
 # A graph whose weights pass this many bytes keeps them in ``<graph>.data``. Far under protobuf's
 # 2 GiB message limit on purpose: an inline graph is serialised whole in memory (the weights twice
 # more while it is written and checked), while external data is written one tensor at a time and

@@ -28,7 +28,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from ...runtime.bundle import EXTERNAL_DATA_THRESHOLD, QUANT_MODES
+from ...runtime.bundle import EXTERNAL_DATA_THRESHOLD, MODELOPT_MODES, QUANT_MODES
 from .calibration import (
     ArrayCalibrationReader,
     _ProgressReader,
@@ -55,8 +55,6 @@ WEIGHT_ACCURACY_LEVEL = 4
 MODES: tuple[str, ...] = tuple(m for m in QUANT_MODES if m != "none")
 #: modes whose activation ranges come from calibration images
 CALIBRATED_MODES: tuple[str, ...] = ("int8-static", "fp8")
-#: QDQ modes NVIDIA ModelOpt's ONNX quantizer can write (``quantize_bundle_graph(tool=...)``)
-MODELOPT_MODES: tuple[str, ...] = ("int8-static", "fp8")
 #: the quantizer ``tool="auto"`` uses per mode (ModelOpt falls back to onnxruntime where it is not
 #: installed): fp8 follows TensorRT's own Q/DQ rules
 AUTO_TOOL: dict[str, str] = {"fp8": "modelopt"}
