@@ -29,7 +29,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 from common import device_name, plot_bars, write_results  # noqa: E402
 
-FIELDS = ("size", "weights", "mode", "tool", "mean_abs_dmu", "max_abs_dmu", "pair_agreement_pooled", "pairs_compared",
+FIELDS = ("size", "weights", "mode", "tool", "fallback_kept", "mean_abs_dmu", "max_abs_dmu", "pair_agreement_pooled", "pairs_compared",
           "failures", "seconds", "bundle_mb")
 
 
@@ -85,6 +85,8 @@ def main() -> None:
                     choices=["random", "outliers", "probed"])
     ap.add_argument("--tools", nargs="+", default=["auto"], choices=["auto", "onnxruntime", "modelopt"],
                     help="quantizers of the QDQ modes (int8-static, fp8); other modes always use onnxruntime's")
+    ap.add_argument("--fallback", default="auto", choices=["auto", "none"],
+                    help="export_bundle's per-layer float fallback (int8-dynamic, int8-weight)")
     ap.add_argument("--tag", default="", help="appended to the results' file names")
     ap.add_argument("--probe-images", type=int, default=64)
     ap.add_argument("--out-dir", type=Path, default=None)
@@ -114,10 +116,11 @@ def main() -> None:
             try:  # bundles are GBs at real width: never leave them behind
                 t = time.perf_counter()
                 res = export_bundle(rm, work / "b", quantize=mode, num_pairs=args.pairs, force=True, progress=False,
-                                    quant_tool=tool)
+                                    quant_tool=tool, fallback=args.fallback)
                 o = res.parity["overall"]
                 used = sorted({g["tool"] for g in res.manifest["quantization"]["graphs"].values()})
-                row = {"size": args.size, "weights": weights, "mode": mode, "tool": "+".join(used),
+                kept = len(res.manifest["quantization"].get("fallback", {}).get("kept", {}))
+                row = {"size": args.size, "weights": weights, "mode": mode, "tool": "+".join(used), "fallback_kept": kept,
                        "mean_abs_dmu": o["mean_abs_dmu"],
                        "max_abs_dmu": o["max_abs_dmu"], "pair_agreement_pooled": o["pair_agreement_pooled"],
                        "pairs_compared": sum(b["pairs_compared"] for b in res.parity["dimensions"].values()),

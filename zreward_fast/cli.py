@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gated DeltaNet decomposed into standard ops (default: any back end, and the faster "
                         "form on onnxruntime's CPU EP), or as onnxruntime's com.microsoft contrib ops")
     e.add_argument("--fallback", default="auto", choices=FALLBACKS,
-                   help="int8: keep the layers most sensitive to its per-tensor activation scales in float, "
+                   help="int8, int8-weight: keep the layers most sensitive to the quantization in float, "
                         "as measured on the calibration images (default), or quantize every candidate")
     e.add_argument("--smooth", default="auto", choices=SMOOTHINGS,
                    help="int8: move each MLP's activation outliers into its weights first (SmoothQuant, "

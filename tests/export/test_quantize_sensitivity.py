@@ -201,3 +201,88 @@ def test_int8_export_smooths_the_mlps_by_default_and_leaves_the_callers_model_al
     assert res.parity["overall"]["mean_abs_dmu"] < 0.05
     with pytest.raises(ValueError, match="smooth must be one of"):
         export_bundle(rm, tmp_path / "x", quantize="int8", smooth="yes")
+
+
+@needs_onnx
+@pytest.mark.parametrize("k", [100, 256])
+def test_int8_weight_emulation_is_onnxruntimes_matmul_nbits(k):
+    """int8-weight's emulation against onnxruntime's own MatMulNBitsQuantizer and kernel, at a K that
+    fills its blocks of 32 and one that pads the last: the weights alone (accuracy level 0), and
+    the weights with the activations' int8 blocks (level 4, what the export writes)."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from zreward_fast.export.quantize import WEIGHT_ACCURACY_LEVEL, WEIGHT_BLOCK_SIZE
+    from zreward_fast.export.quantize.sensitivity import SCHEMES, fake_quant_weight_blocks
+
+    g = torch.Generator().manual_seed(k)
+    n = 48
+    w = torch.randn(n, k, generator=g) * torch.linspace(0.1, 3, k)  # nn.Linear layout [out, in]
+    w[3, 7] = 40.0  # one large weight: its block alone gets a coarse scale
+    x = torch.randn(5, k, generator=g) * torch.linspace(0.5, 20, k)
+    fq_weight, fq_act = SCHEMES["int8-weight"]
+    exact = torch.nn.functional.linear(x, w)
+    scale = float(exact.abs().max())
+    for level, want in ((0, torch.nn.functional.linear(x, fq_weight(w))),
+                        (WEIGHT_ACCURACY_LEVEL, torch.nn.functional.linear(fq_act(x), fq_weight(w)))):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+            [numpy_helper.from_array(w.T.contiguous().numpy(), "w")])
+        quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), bits=8,
+                                         block_size=WEIGHT_BLOCK_SIZE, is_symmetric=True, accuracy_level=level,
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+        assert [node.op_type for node in quantizer.model.model.graph.node] == ["MatMulNBits"]
+        sess = ort.InferenceSession(quantizer.model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+        # the emulation is onnxruntime's rounding to within float summation order; fp32 is far from both
+        assert float((got - exact).abs().max()) > 1e-3 * scale, level
+        assert float((got - want).abs().max()) <= 2e-6 * scale, (level, float((got - want).abs().max()) / scale)
+    q = fake_quant_weight_blocks(w)
+    assert q[3, 7] == w[3, 7] and torch.equal(q[3, 32:], fake_quant_weight_blocks(w[3:4, 32:])[0])  # blocks are local
+    assert torch.equal(fake_quant_weight_blocks(torch.zeros(2, k)), torch.zeros(2, k))
+    assert torch.equal(fq_act(torch.zeros(2, k)), torch.zeros(2, k))
+
+
+def _weight_outlier_student():
+    """The tiny student with one input column of layer 1's ``down_proj`` 300x its largest weight and
+    the activation it reads 1000x smaller (the float model barely changes): every weight block
+    holding that column rounds to a coarse scale, so int8-weight's error comes from that layer."""
+    model, processor = tiny_model(0)
+    with torch.no_grad():
+        mlp = model.model.language_model.layers[1].mlp
+        mlp.down_proj.weight[:, 5] = 300.0 * mlp.down_proj.weight.abs().max()
+        mlp.up_proj.weight[5] *= 1e-3
+    return ZRewardModel(model, processor).eval()
+
+
+@needs_onnx
+def test_weight_only_fallback_keeps_the_layer_whose_blocks_round_worst(tmp_path):
+    from zreward_fast.export import export_bundle
+
+    rm = _weight_outlier_student()
+    images, prompts = _data()
+    choice = choose_fallback(rm, images, prompts, target=0.01, mode="int8-weight")
+    assert choice.ranking[0][0] == OUTLIER_LAYER and list(choice.keep) == [("layers", 1, "down_proj")]
+    assert choice.searched[0] > 0.03 and choice.searched[1] <= 0.01, choice.searched
+    assert choice.report()["method"].startswith("int8-weight emulated")
+    with pytest.raises(ValueError, match="the fallback emulates"):
+        choose_fallback(rm, images, prompts, target=0.01, mode="int4-weight")
+    # the export: that MatMul stays fp32, the others are MatMulNBits, and onnxruntime bears it out
+    strict = {"int8-weight": {"mean_abs_dmu": 0.025, "pair_agreement_pooled": 0.98}}
+    res = export_bundle(rm, tmp_path / "b", quantize="int8-weight", num_pairs=16, progress=False, force=True,
+                        thresholds=strict)
+    q = res.manifest["quantization"]
+    assert list(q["fallback"]["kept"]) == [OUTLIER_LAYER] and "smoothing" not in q
+    graph = onnx.load(str(tmp_path / "b" / "decoder.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and len(nbits) == q["graphs"]["decoder"]["quantized"]
+    assert not any("layers.1.mlp.down_proj" in i for n in nbits for i in n.input)
+    plain = export_bundle(rm, tmp_path / "n", quantize="int8-weight", num_pairs=16, progress=False, force=True,
+                          fallback="none", thresholds=strict)
+    assert plain.manifest["quantization"]["graphs"]["decoder"]["quantized"] == len(nbits) + 1
+    fell, full = res.parity["overall"]["mean_abs_dmu"], plain.parity["overall"]["mean_abs_dmu"]
+    print(f"int8-weight parity mean |dmu|: fallback {fell:.4f}, every layer quantized {full:.4f}")
+    assert fell < 0.5 * full

@@ -22,7 +22,7 @@ from .. import __version__
 from ..fileio import staged_directory
 from ..modeling import ZRewardModel
 from ..models.gated_deltanet import check_gdn_form
-from ..runtime.bundle import (EXTERNAL_DATA_THRESHOLD, FALLBACKS, MODELOPT_MODES, QUANT_TOOLS, SMOOTHED_MODES,
+from ..runtime.bundle import (EXTERNAL_DATA_THRESHOLD, FALLBACK_MODES, FALLBACKS, MODELOPT_MODES, QUANT_TOOLS, SMOOTHED_MODES,
                               SMOOTHINGS, resolve_quant_mode)
 
 #: calibration images the fallback is measured on (one forward pass each try, at most ~log2 of the
@@ -127,10 +127,11 @@ def export_bundle(
     model card (``README.md``: ``benchmark`` is an :func:`~zreward_fast.evaluation.evaluate` report
     to show in it).
 
-    ``fallback="auto"`` (int8-dynamic only): the layers most sensitive to its per-tensor activation
-    scales stay in float, as many as it takes for the emulated error to fall to 40% of the parity
-    gate, measured on calibration images (``calib_dir``, else synthetic ones; never the parity
-    pairs); ``"none"`` quantizes every candidate. The choice is in the manifest
+    ``fallback="auto"`` (int8-dynamic, int8-weight): the layers most sensitive to the mode's
+    rounding (int8-dynamic: its per-tensor activation scales; int8-weight: its weight blocks) stay
+    in float, as many as it takes for the emulated error to fall to 40% of the parity gate,
+    measured on calibration images (``calib_dir``, else synthetic ones; never the parity pairs);
+    ``"none"`` quantizes every candidate. The choice is in the manifest
     (``quantization.fallback``). ``smooth="auto"`` (int8-dynamic, int8-static): each MLP's
     activation outliers are first moved into its weights (SmoothQuant, power-of-two scales from the
     same calibration images; the float model's outputs are unchanged and the caller's model gets its
@@ -178,7 +179,7 @@ def export_bundle(
     ref = _probs_from_results(ref_results, dims)
     choice = smoothing = None
     do_smooth = smooth == "auto" and mode in SMOOTHED_MODES
-    do_fallback = fallback == "auto" and mode == "int8-dynamic"
+    do_fallback = fallback == "auto" and mode in FALLBACK_MODES
     if do_smooth or do_fallback:
         calib_images, calib_prompts = calibration_images(calib_dir, count=FALLBACK_IMAGES)
     if do_smooth:
@@ -190,7 +191,7 @@ def export_bundle(
         with smoothed(rm.model, smoothing):  # the fallback is chosen for the model the graphs will hold
             for _ in _progress([calib_dir], "int8 sensitivity", progress):
                 choice = choose_fallback(rm, calib_images, calib_prompts,
-                                         TARGET_FRACTION * thresholds["mean_abs_dmu"], batch=batch)
+                                         TARGET_FRACTION * thresholds["mean_abs_dmu"], batch=batch, mode=mode)
 
     work = Path(tempfile.mkdtemp(prefix="zreward-export-"))
     try:

@@ -33,9 +33,10 @@ BACKENDS = ("onnxruntime", "openvino")
 # (``int8-weight``/``int4-weight``: weight-only, block-wise ``com.microsoft::MatMulNBits``, CPU)
 QUANT_MODES = ("none", "int8-dynamic", "int8-static", "fp8", "int8-weight", "int4-weight")
 QUANT_ALIASES = {"int8": "int8-dynamic"}
-# ``export_bundle(fallback=...)``: int8-dynamic's per-layer float fallback, chosen by measured
-# sensitivity (export/quantize/sensitivity.py), or none
+# ``export_bundle(fallback=...)``: the int8 CPU modes' per-layer float fallback, chosen by measured
+# sensitivity (export/quantize/sensitivity.py), or none; the modes it applies to
 FALLBACKS = ("auto", "none")
+FALLBACK_MODES = ("int8-dynamic", "int8-weight")
 # ``export_bundle(smooth=...)``: SmoothQuant-style scaling of the MLPs before the int8 modes
 # (export/quantize/smoothing.py), or none; the modes it applies to
 SMOOTHINGS = ("auto", "none")

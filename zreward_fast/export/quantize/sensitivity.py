@@ -1,4 +1,4 @@
-"""Per-layer fallback for ``int8-dynamic``, chosen by measured sensitivity.
+"""Per-layer fallback for the int8 CPU modes, chosen by measured sensitivity.
 
 onnxruntime's dynamic int8 gives each activation tensor one scale (uint8, asymmetric) and each weight
 row one (int8, symmetric). A layer whose input carries a few large channels loses most of its
@@ -15,10 +15,19 @@ top-ranked layers to keep in float for the emulated end-to-end error to fall to 
 then bisecting their count: one forward pass a try). The export hands the choice to
 :func:`~zreward_fast.export.quantize.policy.select_quantizable_nodes` (``keep``), and the bundle's
 parity gate then judges the real graph.
+
+``int8-weight`` (``MatMulNBits``) is emulated the same way with its own scheme (:data:`SCHEMES`):
+weights in blocks of 32 input features, one symmetric scale each, and at its accuracy level 4 the
+activations too (int8, per block, quantized at run time; both schemes match onnxruntime's kernel
+to float summation order, tested). Its error
+has no outlier to find; it is rounding spread over the layers (0.8B width, random weights: all of
+them together moved the means by 0.024, the largest single one, the first decoder layer's
+``gate_proj``, by 0.017), so its fallback buys less per layer than int8-dynamic's.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import WEIGHT_BLOCK_SIZE
 from .policy import MAX_HEAD_ROWS, MIN_QUANT_ELEMENTS, excluded_by_name, layer_key
 
 #: the emulated error a fallback aims at, as a fraction of the parity gate's mean |delta mu|: the
@@ -55,6 +65,42 @@ def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.round(w / scale).clamp(-127, 127) * scale
 
 
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x``'s last dimension in blocks of ``block`` (the last one zero-padded): [..., blocks, block]."""
+    pad = (-x.shape[-1]) % block
+    return F.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block)
+
+
+def fake_quant_weight_blocks(w: torch.Tensor, bits: int = 8, block: int = WEIGHT_BLOCK_SIZE) -> torch.Tensor:
+    """``MatMulNBitsQuantizer``'s symmetric round-to-nearest of ``nn.Linear`` weights, dequantized:
+    one scale per ``block`` input features, the block's value of largest magnitude mapped to
+    -2^(bits-1) exactly (onnxruntime's signed scale ``vmax / -128`` at 8 bits)."""
+    wb = _blocks(w, block)
+    vmax = wb.gather(-1, wb.abs().argmax(-1, keepdim=True))
+    scale = vmax / -(2 ** (bits - 1))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(wb / scale).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+    return q.reshape(*w.shape[:-1], -1)[..., : w.shape[-1]]
+
+
+def fake_quant_activation_blocks(x: torch.Tensor, block: int = WEIGHT_BLOCK_SIZE) -> torch.Tensor:
+    """``MatMulNBits``' activations at accuracy level 4 (int8 arithmetic), dequantized: symmetric
+    int8 per ``block`` features, scale ``amax / 127``, rounded half away from zero (MLAS's)."""
+    xb = _blocks(x, block)
+    scale = xb.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    v = xb / scale
+    q = torch.sign(v) * torch.floor(v.abs() + 0.5) * scale
+    return q.reshape(*x.shape[:-1], -1)[..., : x.shape[-1]]
+
+
+#: mode -> (weight, activation) fake quantization: how each CPU int8 mode is emulated in PyTorch
+SCHEMES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "int8-dynamic": (fake_quant_weight, fake_quant_activation),
+    "int8-weight": (functools.partial(fake_quant_weight_blocks, bits=8), fake_quant_activation_blocks),
+}
+
+
 def candidate_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The linear layers of the decoder and vision blocks that ``int8-dynamic`` would quantize: the
     policy's name and shape rules, on PyTorch module paths."""
@@ -68,16 +114,24 @@ def candidate_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return out
 
 
+def scheme(mode: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    if mode not in SCHEMES:
+        raise ValueError(f"the fallback emulates {sorted(SCHEMES)}, not {mode!r}")
+    return SCHEMES[mode]
+
+
 @contextlib.contextmanager
-def fake_quantized(modules: Sequence[nn.Linear]) -> Iterator[None]:
-    """Run ``modules`` as int8-dynamic would while inside: the weight swapped for its fake-quantized
-    copy for the call only (one layer's copy in memory at a time), the input fake-quantized."""
+def fake_quantized(modules: Sequence[nn.Linear], mode: str = "int8-dynamic") -> Iterator[None]:
+    """Run ``modules`` as ``mode`` would (:data:`SCHEMES`) while inside: the weight swapped for its
+    fake-quantized copy for the call only (one layer's copy in memory at a time), the input
+    fake-quantized."""
+    fq_weight, fq_act = scheme(mode)
     saved: dict[int, torch.Tensor] = {}
 
     def before(m, args):
         saved[id(m)] = m.weight.data
-        m.weight.data = fake_quant_weight(saved[id(m)])
-        return (fake_quant_activation(args[0]), *args[1:])
+        m.weight.data = fq_weight(saved[id(m)])
+        return (fq_act(args[0]), *args[1:])
 
     def after(m, args, out):
         m.weight.data = saved.pop(id(m))
@@ -102,11 +156,12 @@ class FallbackChoice:
     searched: dict[int, float]  # layers kept in float -> emulated mean |delta mu|
     target: float
     images: int
+    mode: str = "int8-dynamic"
 
     def report(self) -> dict[str, Any]:
         kept = len(self.keep)
         return {
-            "method": "int8-dynamic emulated in PyTorch; layers ranked by their own output error",
+            "method": f"{self.mode} emulated in PyTorch; layers ranked by their own output error",
             "target_mean_abs_dmu": self.target, "images": self.images, "candidates": len(self.ranking),
             "kept": {name: round(err, 5) for name, err in self.ranking[:kept]},
             "emulated_mean_abs_dmu": {str(k): round(v, 5) for k, v in sorted(self.searched.items())},
@@ -142,22 +197,23 @@ def fewest_to_keep(error: Callable[[int], float], target: float, limit: int) -> 
 @torch.no_grad()
 def choose_fallback(
     rm: Any, images: Sequence[Any], prompts: Sequence[str], target: float,
-    max_fraction: float = MAX_FRACTION, batch: int = 8,
+    max_fraction: float = MAX_FRACTION, batch: int = 8, mode: str = "int8-dynamic",
 ) -> FallbackChoice:
     """The fewest most-sensitive layers of ``rm`` (a :class:`~zreward_fast.ZRewardModel` in fp32) to
-    keep in float for int8-dynamic's emulated mean |delta mu| on ``images`` to reach ``target``,
-    among at most ``max_fraction`` of the candidates; where that misses the target, the fewest whose
-    error is within :data:`REACHABLE_SLACK` of the best any count searched reached."""
+    keep in float for ``mode``'s emulated mean |delta mu| (:data:`SCHEMES`) on ``images`` to reach
+    ``target``, among at most ``max_fraction`` of the candidates; where that misses the target, the
+    fewest whose error is within :data:`REACHABLE_SLACK` of the best any count searched reached."""
+    fq_weight, fq_act = scheme(mode)
     cands = candidate_linears(rm.model)
     ref = _means(rm, images, prompts, batch)
     if not cands:
-        return FallbackChoice({}, [], {0: 0.0}, target, len(images))
+        return FallbackChoice({}, [], {0: 0.0}, target, len(images), mode)
 
     errors: dict[str, float] = {}
 
     def probe(name):
         def hook(m, args, out):
-            yq = F.linear(fake_quant_activation(args[0]), fake_quant_weight(m.weight), m.bias)
+            yq = F.linear(fq_act(args[0]), fq_weight(m.weight), m.bias)
             err = float((yq - out).float().norm() / out.float().norm().clamp_min(1e-30))
             errors[name] = max(errors.get(name, 0.0), err)
         return hook
@@ -173,7 +229,7 @@ def choose_fallback(
 
     def emulated(k: int) -> float:
         if k not in searched:
-            with fake_quantized([m for _, m in order[k:]]):
+            with fake_quantized([m for _, m in order[k:]], mode):
                 searched[k] = float(np.abs(_means(rm, images, prompts, batch) - ref).mean())
         return searched[k]
 
@@ -186,4 +242,4 @@ def choose_fallback(
         chosen = fewest_to_keep(emulated, REACHABLE_SLACK * min(searched.values()), limit)
     ranking = [(n, errors.get(n, 0.0)) for n, _ in order]
     keep = {layer_key(n): f"{err:.4f}" for n, err in ranking[:chosen]}
-    return FallbackChoice(keep, ranking, searched, target, len(images))
+    return FallbackChoice(keep, ranking, searched, target, len(images), mode)
