@@ -22,8 +22,8 @@ from .. import __version__
 from ..fileio import staged_directory
 from ..modeling import ZRewardModel
 from ..models.gated_deltanet import check_gdn_form
-from ..runtime.bundle import (EXTERNAL_DATA_THRESHOLD, FALLBACK_MODES, FALLBACKS, MODELOPT_MODES, QUANT_TOOLS, SMOOTHED_MODES,
-                              SMOOTHINGS, resolve_quant_mode)
+from ..runtime.bundle import (EXTERNAL_DATA_THRESHOLD, FALLBACK_MODES, FALLBACKS, MODELOPT_MODES, QUANT_TOOLS,
+                              SMOOTHED_MODES, SMOOTHINGS, resolve_quant_mode)
 
 #: calibration images the fallback is measured on (one forward pass each try, at most ~log2 of the
 #: candidate layers tries)
