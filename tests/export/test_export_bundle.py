@@ -161,7 +161,8 @@ def test_openvino_backend_scores_like_onnxruntime(rm, fp32_bundle, tmp_path):
     par = Scorer(fp32_bundle.path, backend="openvino", parallel_runs=2).score(images, prompts)
     assert np.abs(_means(par) - _means(ref)).max() <= 1e-4
     # a weight-only int8 bundle (com.microsoft::MatMulNBits) runs too
-    q = export_bundle(rm, tmp_path / "w8", quantize="int8-weight", num_pairs=10, progress=False, force=True)
+    q = export_bundle(rm, tmp_path / "w8", quantize="int8-weight", num_pairs=10, progress=False, force=True,
+                      fallback="none")
     a, b = Scorer(q.path).score(images, prompts), Scorer(q.path, backend="openvino").score(images, prompts)
     assert np.abs(_means(a) - _means(b)).max() <= 0.01
 

@@ -272,7 +272,7 @@ def test_weight_only_fallback_keeps_the_layer_whose_blocks_round_worst(tmp_path)
         choose_fallback(rm, images, prompts, target=0.01, mode="int4-weight")
     # the export: that MatMul stays fp32, the others are MatMulNBits, and onnxruntime bears it out
     strict = {"int8-weight": {"mean_abs_dmu": 0.025, "pair_agreement_pooled": 0.98}}
-    res = export_bundle(rm, tmp_path / "b", quantize="int8-weight", num_pairs=16, progress=False, force=True,
+    res = export_bundle(rm, tmp_path / "b", quantize="int8-weight", num_pairs=8, progress=False, force=True,
                         thresholds=strict)
     q = res.manifest["quantization"]
     assert list(q["fallback"]["kept"]) == [OUTLIER_LAYER] and "smoothing" not in q
@@ -280,7 +280,7 @@ def test_weight_only_fallback_keeps_the_layer_whose_blocks_round_worst(tmp_path)
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert nbits and len(nbits) == q["graphs"]["decoder"]["quantized"]
     assert not any("layers.1.mlp.down_proj" in i for n in nbits for i in n.input)
-    plain = export_bundle(rm, tmp_path / "n", quantize="int8-weight", num_pairs=16, progress=False, force=True,
+    plain = export_bundle(rm, tmp_path / "n", quantize="int8-weight", num_pairs=8, progress=False, force=True,
                           fallback="none", thresholds=strict)
     assert plain.manifest["quantization"]["graphs"]["decoder"]["quantized"] == len(nbits) + 1
     fell, full = res.parity["overall"]["mean_abs_dmu"], plain.parity["overall"]["mean_abs_dmu"]
