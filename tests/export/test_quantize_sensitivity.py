@@ -286,3 +286,12 @@ def test_weight_only_fallback_keeps_the_layer_whose_blocks_round_worst(tmp_path)
     fell, full = res.parity["overall"]["mean_abs_dmu"], plain.parity["overall"]["mean_abs_dmu"]
     print(f"int8-weight parity mean |dmu|: fallback {fell:.4f}, every layer quantized {full:.4f}")
     assert fell < 0.5 * full
+
+
+@needs_onnx
+def test_every_fallback_mode_has_an_emulation():
+    # runtime/bundle.py names the modes without importing torch; sensitivity.SCHEMES emulates them
+    from zreward_fast.export.quantize.sensitivity import SCHEMES
+    from zreward_fast.runtime.bundle import FALLBACK_MODES
+
+    assert set(FALLBACK_MODES) == set(SCHEMES)
