@@ -9,7 +9,10 @@ depth, 448x448). ``outliers`` gives it the outlier features of trained checkpoin
 (``testing.add_outlier_channels``: 4 hidden channels 30x larger at every projection's input);
 ``probed`` fits its K score rows to the known scores of synthetic images on the frozen random
 features (a linear probe), so that held-out pairs have real margins and the gate's pairwise
-agreement counts most of them (a random model ties nearly every pair). Each row is one
+agreement counts most of them (a random model ties nearly every pair). ``trained`` trains the
+whole student (vision and embeddings frozen, as ``RISDTrainer`` does) for ``--train-steps`` steps
+of RISD on the known scores of synthetic images (``testing.train_briefly``): a stand-in for a
+trained checkpoint, whose activations and margins random weights do not have. Each row is one
 ``export_bundle`` with its parity report against the PyTorch model; the CSV is the record.
 ``--tools`` runs the QDQ modes (int8-static, fp8) once per quantizer: onnxruntime's and NVIDIA
 ModelOpt's ONNX PTQ, on the same node selection and calibration images.
@@ -82,13 +85,14 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=24, help="held-out pairs of each parity report")
     ap.add_argument("--modes", nargs="+", default=["int8-dynamic", "int8-weight", "int4-weight"])
     ap.add_argument("--weights", nargs="+", default=["random", "outliers", "probed"],
-                    choices=["random", "outliers", "probed"])
+                    choices=["random", "outliers", "probed", "trained"])
     ap.add_argument("--tools", nargs="+", default=["auto"], choices=["auto", "onnxruntime", "modelopt"],
                     help="quantizers of the QDQ modes (int8-static, fp8); other modes always use onnxruntime's")
     ap.add_argument("--fallback", default="auto", choices=["auto", "none"],
                     help="export_bundle's per-layer float fallback (int8-dynamic, int8-weight)")
     ap.add_argument("--tag", default="", help="appended to the results' file names")
     ap.add_argument("--probe-images", type=int, default=64)
+    ap.add_argument("--train-steps", type=int, default=60, help="RISD steps of the trained weights")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
 
@@ -97,7 +101,7 @@ def main() -> None:
     from zreward_fast import ZRewardModel
     from zreward_fast.export import export_bundle
     from zreward_fast.export.quantize import MODELOPT_MODES
-    from zreward_fast.testing import add_outlier_channels, real_model
+    from zreward_fast.testing import add_outlier_channels, real_model, train_briefly
 
     torch.set_num_threads(os.cpu_count() or 1)
     out_dir = args.out_dir or Path(__file__).parent / "results" / device_name("cpu")
@@ -110,6 +114,9 @@ def main() -> None:
         rm = ZRewardModel(model, processor).eval()
         if weights == "probed":
             print(f"probe: held-out PLCC {probe_score_rows(rm, args.probe_images):.3f}", flush=True)
+        if weights == "trained":
+            t = time.perf_counter()
+            print("trained:", train_briefly(rm, args.train_steps), f"{time.perf_counter() - t:.0f} s", flush=True)
         runs = [(m, t) for m in args.modes for t in (args.tools if m in MODELOPT_MODES else ["auto"])]
         for mode, tool in runs:
             work = Path(tempfile.mkdtemp(prefix="bench-quant-"))

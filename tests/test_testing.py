@@ -26,3 +26,21 @@ def test_add_outlier_channels_scales_those_channels_of_every_projection_input():
         add_outlier_channels(model, gain=1.0)
     with pytest.raises(ValueError, match="count must be >= 1"):
         add_outlier_channels(model, count=0)
+
+
+def test_train_briefly_trains_the_decoder_and_score_rows_only():
+    from zreward_fast import ZRewardModel
+    from zreward_fast.testing import train_briefly
+
+    model, processor = tiny_model(0)
+    rm = ZRewardModel(model, processor)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        train_briefly(rm, steps=0)
+    visual = {k: v.clone() for k, v in model.model.visual.state_dict().items()}
+    rows = rm.lm_head.weight[rm.score_token_ids].clone()
+    layer = next(model.model.language_model.layers[0].parameters()).clone()
+    out = train_briefly(rm, steps=2, batch=2, lr=1e-3)
+    assert not rm.training and set(out) == {"first_loss", "last_loss", "held_out_plcc"}
+    assert all(torch.equal(v, model.model.visual.state_dict()[k]) for k, v in visual.items())
+    assert not torch.equal(rows, rm.lm_head.weight[rm.score_token_ids])  # written back into the head
+    assert not torch.equal(layer, next(model.model.language_model.layers[0].parameters()))

@@ -261,6 +261,43 @@ def add_outlier_channels(model: Any, count: int = 4, gain: float = 30.0, seed: i
     return channels
 
 
+def train_briefly(rm: Any, steps: int, batch: int = 4, lr: float = 1e-4, seed: int = 90_000) -> dict[str, Any]:
+    """Train a :class:`~zreward_fast.ZRewardModel` in place for ``steps`` RISD steps on soft targets
+    at the known scores of fresh synthetic images (``RISDTrainer``: decoder and score rows; vision
+    and embeddings frozen), then put it in eval mode. A stand-in for a trained checkpoint where
+    random weights mislead: a random network's scores are fragile and its held-out pairs near ties
+    (README, "Quantization at real width"). Returns the first and last losses and the held-out PLCC
+    of the means against the known scores (16 images)."""
+    import tempfile
+
+    import numpy as np
+
+    from .training.data import RISDRecord, soft_targets
+    from .training.risd import RISDConfig, RISDTrainer
+    from .training.synthetic import make_sample
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    size = rm.processor.image_size
+    drawn = [make_sample(seed + i, size) for i in range(steps * batch)]
+    records = [RISDRecord(s.image, s.prompt, {d: soft_targets(v, rm.scale) for d, v in s.scores.items()})
+               for s in drawn]
+    with tempfile.TemporaryDirectory(prefix="zreward-train-") as out:
+        trainer = RISDTrainer(rm.train(), RISDConfig(learning_rate=lr, max_steps=steps, batch_size=batch,
+                                                     warmup_ratio=0.1, output_dir=out), train_records=records)
+        losses = [h["loss"] for h in trainer.train().history if "loss" in h]
+        trainer._unwrapped().write_back()
+    del trainer
+    rm.eval()
+    held = [make_sample(seed - 1 - i, size) for i in range(16)]
+    with torch.no_grad():
+        res = rm.score([s.image for s in held], [s.prompt for s in held], batch_size=batch)
+    mu = np.array([r[d].mean for r in res for d in rm.dimensions])
+    known = np.array([s.scores[d] for s in held for d in rm.dimensions])
+    return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "held_out_plcc": float(np.corrcoef(mu, known)[0, 1])}
+
+
 def demo_model(seed: int = 0, image_size: int = 128) -> tuple[Any, Any]:
     """The demo's student: tiny (hidden 128, 4 layers, vision depth 2) on a 128x128 bucket
     (16 image tokens), big enough to learn the synthetic dimensions in a few CPU minutes."""
