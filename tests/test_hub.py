@@ -20,6 +20,10 @@ pytest.importorskip("onnxruntime")
 
 from zreward_fast.hub import is_repo_id, resolve  # noqa: E402
 
+# Repo ids of repos this test writes into its own hub-layout cache; they name nothing on the hub,
+# and the children that load them can neither download nor connect (``_offline_env``).
+MODEL_ID, BUNDLE_ID, MISSING_ID = "zr-test-cache/student", "zr-test-cache/bundle", "zr-test-cache/nothing-here"
+
 
 def _cache_repo(cache: Path, repo_id: str, src: Path, refs: tuple[str, ...] = ("main",)) -> str:
     """Put ``src`` in ``cache`` as one snapshot of model repo ``repo_id``; ``refs`` name it (default
@@ -47,8 +51,8 @@ def hub(tiny_sources, tmp_path_factory):
     tests load them by repo id with HF_HUB_OFFLINE=1, from that cache only (nothing downloads)."""
     root = tiny_sources[0].parent
     cache = tmp_path_factory.mktemp("hub") / "cache"
-    commits = {"model": _cache_repo(cache, "acme/zr-student", root / "model", ("main", "v1")),
-               "bundle": _cache_repo(cache, "acme/zr-bundle", root / "bundle")}
+    commits = {"model": _cache_repo(cache, MODEL_ID, root / "model", ("main", "v1")),
+               "bundle": _cache_repo(cache, BUNDLE_ID, root / "bundle")}
     return root, cache, commits
 
 
@@ -57,17 +61,19 @@ import json, sys
 from PIL import Image
 import numpy as np
 from zreward_fast import ZRewardModel
+from zreward_fast.hub import resolve
 from zreward_fast.runtime import Scorer
-root, commit = sys.argv[1], sys.argv[2]
+root, commit, model_id, bundle_id, missing_id = sys.argv[1:6]
 img, prompt = Image.fromarray(np.full((32, 32, 3), 90, np.uint8)), "a grey square"
 out = {}
 for name, rev in (("main", None), ("tag", "v1"), ("commit", commit)):
-    rm = ZRewardModel.from_pretrained("acme/zr-student", revision=rev, local_files_only=True)
+    rm = ZRewardModel.from_pretrained(model_id, revision=rev, local_files_only=True)
     out[name] = rm.score([img], [prompt])[0]["realism"].mean
 out["local"] = ZRewardModel.from_pretrained(root + "/model").score([img], [prompt])[0]["realism"].mean
-out["bundle"] = Scorer("acme/zr-bundle", local_files_only=True).score([img], [prompt])[0]["realism"].mean
+out["resolved"] = [str(resolve(i, local_files_only=True)) for i in (model_id, bundle_id)]
+out["bundle"] = Scorer(bundle_id, local_files_only=True).score([img], [prompt])[0]["realism"].mean
 out["bundle_local"] = Scorer(root + "/bundle").score([img], [prompt])[0]["realism"].mean
-for missing, rev in (("acme/nothing-here", None), ("acme/zr-student", "v2")):
+for missing, rev in ((missing_id, None), (model_id, "v2")):
     try:
         ZRewardModel.from_pretrained(missing, revision=rev, local_files_only=True)
         out[missing + str(rev)] = "loaded"
@@ -114,14 +120,19 @@ def test_models_and_bundles_load_by_repo_id_and_revision_offline(hub):
     the children run with HF_HUB_OFFLINE=1, local_files_only=True, a closed HF_ENDPOINT and every
     connection refused, so nothing can download."""
     root, cache, commits = hub
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), commits["model"]], env=_offline_env(cache),
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), commits["model"], MODEL_ID, BUNDLE_ID, MISSING_ID],
+                          env=_offline_env(cache),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["main"] == out["tag"] == out["commit"] == out["local"]
     assert out["bundle"] == out["bundle_local"]
-    assert "not in the hub cache" in out["acme/nothing-hereNone"] or "neither a local directory" in out["acme/nothing-hereNone"]
-    assert "acme/zr-student@v2" in out["acme/zr-studentv2"]
+    # both ids resolved to snapshots of the test's own cache, nowhere else
+    assert out["resolved"] == [str(cache / f"models--{i.replace('/', '--')}" / "snapshots" / commits[k])
+                               for i, k in ((MODEL_ID, "model"), (BUNDLE_ID, "bundle"))]
+    missing = out[MISSING_ID + "None"]
+    assert "not in the hub cache" in missing or "neither a local directory" in missing
+    assert f"{MODEL_ID}@v2" in out[MODEL_ID + "v2"]
 
 
 def test_cli_commands_take_repo_ids(hub, tmp_path):
@@ -134,13 +145,13 @@ def test_cli_commands_take_repo_ids(hub, tmp_path):
     env = _offline_env(cache)
     cli = [sys.executable, "-m", "zreward_fast.cli"]
     args = ["--image", str(tmp_path / "red.png"), "--prompt", "a red square", "--json", "--local-files-only"]
-    by_id = subprocess.run(cli + ["score", "--bundle", "acme/zr-bundle", *args], env=env, capture_output=True,
+    by_id = subprocess.run(cli + ["score", "--bundle", BUNDLE_ID, *args], env=env, capture_output=True,
                            text=True, timeout=300)
     local = subprocess.run(cli + ["score", "--bundle", str(root / "bundle"), *args], env=env, capture_output=True,
                            text=True, timeout=300)
     assert by_id.returncode == 0, by_id.stderr[-2000:]
     assert json.loads(by_id.stdout) == json.loads(local.stdout)
-    model = subprocess.run(cli + ["score", "--model", "acme/zr-student", "--revision", "v1", *args], env=env,
+    model = subprocess.run(cli + ["score", "--model", MODEL_ID, "--revision", "v1", *args], env=env,
                            capture_output=True, text=True, timeout=300)
     assert model.returncode == 0, model.stderr[-2000:]
     assert set(json.loads(model.stdout)["scores"]) == {"alignment", "realism", "aesthetics", "plausibility"}
@@ -159,7 +170,7 @@ def test_local_paths_win_and_bad_names_are_clear(tmp_path):
         os.chdir(cwd)
     with pytest.raises(FileNotFoundError, match="not found: not a local path, and not a hub repo id"):
         resolve(tmp_path / "no" / "such" / "dir")
-    assert is_repo_id("Qwen/Qwen3.5-0.8B") and not is_repo_id("../x") and not is_repo_id("a/b/c")
+    assert is_repo_id(MODEL_ID) and not is_repo_id("../x") and not is_repo_id("a/b/c")
     shutil.rmtree(d)
 
 
@@ -168,7 +179,7 @@ def test_a_cached_bundle_may_link_into_its_blobs_and_nowhere_else(hub, tmp_path)
     from zreward_fast.runtime.bundle import BundleError, verify_bundle
 
     root, cache, commits = hub
-    snap = cache / "models--acme--zr-bundle" / "snapshots" / commits["bundle"]
+    snap = cache / f"models--{BUNDLE_ID.replace('/', '--')}" / "snapshots" / commits["bundle"]
     assert verify_bundle(snap, links_within=cache_repo_dir(snap))["files"]
     with pytest.raises(BundleError, match="symlink"):
         verify_bundle(snap)  # outside the hub cache a link is refused as before

@@ -287,7 +287,7 @@ def train_briefly(rm: Any, steps: int, batch: int = 4, lr: float = 1e-4, seed: i
                                                      warmup_ratio=0.1, output_dir=out), train_records=records)
         losses = [h["loss"] for h in trainer.train().history if "loss" in h]
         trainer._unwrapped().write_back()
-    del trainer
+    del trainer  # its optimizer state goes before the held-out scoring (GBs at 9B width)
     rm.eval()
     held = [make_sample(seed - 1 - i, size) for i in range(16)]
     with torch.no_grad():
