@@ -9,14 +9,21 @@ The student is random: by default ``zreward_fast.testing.small_model`` (hidden 5
 224x224), with ``--size`` a published Qwen3.5 size at its real widths and 448x448
 (``real_model``; ``--layers`` defaults to the size's full depth). Timing does not depend on the
 weights. Reports batch-1 latency (median, p90) and batch-8 throughput as ratios to transformers
-eager, each implementation's load time and the resident memory its loading added, and each
-bundle's parity against the PyTorch model. The ``-Nruns`` rows score the decomposed bundles with
+eager, each implementation's load time and the resident memory its loading added, each
+bundle's parity against the PyTorch model, and the CPU's model and its bf16/int8 instruction
+flags on every row (precision decides rows as much as the engine does). ``--openvino-modes``
+takes ``MODE`` (OpenVINO at f32, the precision of the bundle's parity report) or
+``MODE:PRECISION`` (``none:bf16``: the fp32 graphs at OpenVINO's bf16); ``--torch-bf16`` adds
+transformers eager in bf16 (``model.to(torch.bfloat16)``), the peer a user with a bf16 CPU would
+try. Rows that run at a precision no bundle's report covers get their parity measured here, on the
+same held-out pairs as the export's report. The ``-Nruns`` rows score the decomposed bundles with
 ``Scorer(parallel_runs=N)`` (N = cores): each batch split into N parts run concurrently, one
 thread each. ``--stem`` names the output files (default ``cpu_runtime``, or ``cpu_runtime_<size>``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import os
 import statistics
@@ -32,6 +39,33 @@ from common import device_name, pyplot, quantile, save_figure  # noqa: E402
 
 
 PAUSE_S = 0.05
+#: the instruction-set flags (/proc/cpuinfo) that decide which precisions a CPU runs fast
+PRECISION_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> str:
+    """The CPU's :data:`PRECISION_FLAGS` it has, space-separated (Linux; "" elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return " ".join(f for f in PRECISION_FLAGS if f in have)
+
+
+def openvino_rows(entries: list[str]) -> list[tuple[str, str]]:
+    """``MODE`` or ``MODE:PRECISION`` -> (mode, precision); f32 when no precision is named."""
+    from zreward_fast.runtime.openvino_backend import PRECISIONS
+
+    rows = []
+    for e in entries:
+        mode, _, precision = e.partition(":")
+        precision = precision or "f32"
+        if precision not in PRECISIONS:
+            raise SystemExit(f"error: --openvino-modes {e!r}: precision must be one of {list(PRECISIONS)}")
+        rows.append((mode, precision))
+    return rows
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -74,10 +108,15 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=["none", "int8-dynamic", "int8-weight"],
                     help="bundle quantization modes")
     ap.add_argument("--openvino-modes", nargs="*", default=["none", "int8-weight"],
-                    help="modes whose decomposed bundle OpenVINO also runs (none: no OpenVINO rows; it gains "
-                         "nothing on int8-dynamic's MatMulInteger graphs, issue 13)")
+                    help="MODE or MODE:PRECISION (f32, bf16, f16) whose decomposed bundle OpenVINO also runs "
+                         "(none given: no OpenVINO rows; it gains nothing on int8-dynamic's MatMulInteger "
+                         "graphs, issue 13)")
+    ap.add_argument("--torch-bf16", action="store_true",
+                    help="add transformers eager in bf16 (a second copy of the model, in bf16)")
     ap.add_argument("--no-parallel-runs", action="store_true",
                     help="leave out the -Nruns rows (a second session per bundle: memory at real sizes)")
+    ap.add_argument("--parallel-modes", nargs="*", default=None,
+                    help="modes that get a -Nruns row (default: every mode)")
     ap.add_argument("--stem", default=None)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
@@ -85,7 +124,8 @@ def main() -> int:
     import torch
 
     from zreward_fast import ZRewardModel
-    from zreward_fast.export.api import export_bundle
+    from zreward_fast.export.api import export_bundle, held_out_pairs, parity_batch, scored_probs
+    from zreward_fast.export.parity import PARITY_TIE_TOL, parity_report
     from zreward_fast.qwen3_5_sizes import size_spec
     from zreward_fast.runtime import Scorer
     from zreward_fast.runtime.openvino_backend import openvino_available
@@ -108,8 +148,23 @@ def main() -> int:
     params = sum(p.numel() for p in rm.model.parameters())
     samples = [make_sample(100 + i, size) for i in range(args.batch)]
     images, prompts = [s.image for s in samples], [s.prompt for s in samples]
-    ov_modes = set(args.openvino_modes) if openvino_available() else set()
-    print(f"{what}: {params / 1e6:.0f}M parameters; OpenVINO rows: {sorted(ov_modes)}", flush=True)
+    ov_rows = openvino_rows(args.openvino_modes) if openvino_available() else []
+    parallel_modes = set(args.modes if args.parallel_modes is None else args.parallel_modes)
+    flags = cpu_flags()
+    print(f"{what}: {params / 1e6:.0f}M parameters; OpenVINO rows: {ov_rows}; CPU flags: {flags}", flush=True)
+    dims = list(rm.dimensions)
+    pair_images, pair_prompts, pairs = held_out_pairs(args.pairs)  # the same pairs as each export's report
+    ref_probs = None
+
+    def measured_parity(scorer) -> dict:
+        """The parity report of ``scorer`` against the fp32 PyTorch model, on the export's pairs."""
+        nonlocal ref_probs
+        batch = parity_batch(rm)
+        with torch.inference_mode():
+            if ref_probs is None:
+                ref_probs = scored_probs(rm, pair_images, pair_prompts, dims, batch)
+            test = scored_probs(scorer, pair_images, pair_prompts, dims, batch)
+        return parity_report(ref_probs, test, rm.scale.levels, dims, pairs, tie_tol=PARITY_TIE_TOL)["overall"]
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,9 +174,14 @@ def main() -> int:
         def load(name: str, make, parity) -> None:
             before, t = rss_gb(), time.perf_counter()
             scorer = make()
-            scorer.score(images[:1], prompts[:1])  # lazy allocation and kernel selection count as loading
-            impls[name] = (scorer, parity, time.perf_counter() - t, rss_gb() - before)
+            with torch.inference_mode():
+                scorer.score(images[:1], prompts[:1])  # lazy allocation and kernel selection count as loading
+            load_s, load_gb = time.perf_counter() - t, rss_gb() - before
+            impls[name] = (scorer, parity if parity is not None else measured_parity(scorer), load_s, load_gb)
             print(f"loaded {name}", flush=True)
+
+        if args.torch_bf16:
+            load("transformers-eager-bf16", lambda: copy.deepcopy(rm).to(torch.bfloat16), None)
 
         # Gated DeltaNet as onnxruntime's contrib ops and decomposed into standard ops (the default;
         # chunked, matrix products): on CPU the decomposed form is the faster one.
@@ -136,13 +196,16 @@ def main() -> int:
                 label = "fp32" if mode == "none" else mode
                 parity = res.parity["overall"]
                 load(f"onnx-{label}-{gdn}", lambda: Scorer(res.path, copy=False), parity)
-                if gdn == "decomposed" and not args.no_parallel_runs:
+                if gdn == "decomposed" and not args.no_parallel_runs and mode in parallel_modes:
                     # The same bundle, each batch split into one part per core run concurrently
                     # (Scorer(parallel_runs=...)): throughput over batch-1 latency.
                     runs = max(2, os.cpu_count() or 1)
                     load(f"onnx-{label}-{gdn}-{runs}runs", lambda: Scorer(res.path, copy=False, parallel_runs=runs), parity)
-                if gdn == "decomposed" and mode in ov_modes:  # f32: the parity report's precision
-                    load(f"openvino-{label}", lambda: Scorer(res.path, copy=False, backend="openvino"), parity)
+                for ov_mode, precision in ov_rows:
+                    if gdn == "decomposed" and ov_mode == mode:  # f32: the precision of the bundle's report
+                        load(f"openvino-{label}" + ("" if precision == "f32" else f"-{precision}"),
+                             lambda: Scorer(res.path, copy=False, backend="openvino", precision=precision),
+                             parity if precision == "f32" else None)
         with torch.inference_mode():
             def calls(b: int) -> dict:
                 return {k: (lambda s=v[0]: s.score(images[:b], prompts[:b])) for k, v in impls.items()}
@@ -151,7 +214,7 @@ def main() -> int:
             thr = interleaved(calls(args.batch), max(3, args.repeats // 2))
         for name, (scorer, parity, load_s, load_gb) in impls.items():
             rows.append({
-                "impl": name, "device": device_name("cpu"), "threads": torch.get_num_threads(),
+                "impl": name, "device": device_name("cpu"), "cpu_flags": flags, "threads": torch.get_num_threads(),
                 "b1_ms_median": 1e3 * statistics.median(lat[name]), "b1_ms_p90": 1e3 * quantile(lat[name], 0.9),
                 f"b{args.batch}_images_per_s": args.batch / statistics.median(thr[name]),
                 "load_s": load_s, "load_rss_gb": load_gb,
@@ -173,7 +236,7 @@ def main() -> int:
         w.writeheader()
         w.writerows({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
     _plot(rows, tkey, out_dir / f"{stem}.png", what)
-    print(f"{what}, CPU {rows[0]['device']}, torch threads {rows[0]['threads']}")
+    print(f"{what}, CPU {rows[0]['device']} ({flags}), torch threads {rows[0]['threads']}")
     print(f"{'impl':38s} {'b1 ms':>8s} {'b1 x':>6s} {tkey:>18s} {'thr x':>6s} {'load s':>7s} {'+GB':>5s} "
           f"{'mean|dmu|':>10s} {'pairs ok':>9s}")
     for r in rows:

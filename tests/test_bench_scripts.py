@@ -90,3 +90,24 @@ def test_roofline_floor_is_the_slower_of_bytes_and_flops():
     rows = [{"impl": "a", "ms_median": 2.0}, {"impl": "b", "note": "failed"}]
     add_roofline(rows, 4.8e9, 0)  # a 1 ms floor
     assert rows[0]["x_floor"] == pytest.approx(2.0) and "x_floor" not in rows[1] and rows[1]["floor_ms"] == 1.0
+
+
+def test_cpu_runtime_bench_parses_openvino_rows_and_names_cpu_flags():
+    # run apart: the script drops TRITON_INTERPRET from the environment on import
+    code = """
+import sys
+sys.path.insert(0, "bench")
+import bench_cpu_runtime as b
+assert b.openvino_rows(["none", "int8-weight:bf16"]) == [("none", "f32"), ("int8-weight", "bf16")]
+try:
+    b.openvino_rows(["none:fp64"])
+except SystemExit as e:
+    assert "fp64" in str(e) and "bf16" in str(e), e
+else:
+    raise AssertionError("an unknown precision was accepted")
+flags = b.cpu_flags().split()
+assert set(flags) <= set(b.PRECISION_FLAGS), flags
+print("ok", flags)
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr

@@ -101,7 +101,14 @@ def calibration_images(calib_dir: str | Path | None, count: int = 32, seed: int 
     return [s.image for s in samples], [s.prompt for s in samples]
 
 
-def _probs_from_results(results: list[dict], dims: Sequence[str]) -> np.ndarray:
+def scored_probs(scorer: Any, images: Sequence, prompts: Sequence[str], dims: Sequence[str], batch: int,
+                 desc: str | None = None) -> np.ndarray:
+    """``[N, D, K]`` score distributions of ``images`` from anything with ``score(images, prompts,
+    dims, batch_size=...)`` (a ``ZRewardModel`` or a runtime ``Scorer``), ``batch`` images at a
+    time, with a progress bar when ``desc`` names one: what :func:`parity_report` compares."""
+    results = []
+    for i in _progress(range(0, len(images), batch), desc or "", desc is not None):
+        results += scorer.score(images[i : i + batch], prompts[i : i + batch], dims, batch_size=batch)
     return np.array([[r[d].probs for d in dims] for r in results], dtype=np.float64)
 
 
@@ -173,10 +180,7 @@ def export_bundle(
     # of the weights at a time, not two).
     images, prompts, pairs = held_out_pairs(num_pairs)
     batch = parity_batch(rm)
-    ref_results = []
-    for i in _progress(range(0, len(images), batch), "reference scores", progress):
-        ref_results += rm.score(images[i : i + batch], prompts[i : i + batch], dims, batch_size=batch)
-    ref = _probs_from_results(ref_results, dims)
+    ref = scored_probs(rm, images, prompts, dims, batch, "reference scores" if progress else None)
     choice = smoothing = None
     do_smooth = smooth == "auto" and mode in SMOOTHED_MODES
     do_fallback = fallback == "auto" and mode in FALLBACK_MODES
@@ -234,12 +238,7 @@ def export_bundle(
         manifest["opset"] = _graph_opset(bundle / "decoder.onnx")  # quantizers may raise it (fp8: 19)
         manifest = write_manifest(bundle, manifest)
 
-        scorer = Scorer(bundle)
-        test_results = []
-        for i in _progress(range(0, len(images), batch), "parity", progress):
-            test_results += scorer.score(images[i : i + batch], prompts[i : i + batch], dims, batch_size=batch)
-        del scorer
-        test = _probs_from_results(test_results, dims)
+        test = scored_probs(Scorer(bundle), images, prompts, dims, batch, "parity" if progress else None)
         report = parity_report(ref, test, levels, dims, {d: pairs[d] for d in dims if d in pairs},
                                tie_tol=PARITY_TIE_TOL)
         failures = check_thresholds(report, thresholds)
