@@ -177,8 +177,11 @@ def main() -> int:
             with torch.inference_mode():
                 scorer.score(images[:1], prompts[:1])  # lazy allocation and kernel selection count as loading
             load_s, load_gb = time.perf_counter() - t, rss_gb() - before
-            impls[name] = (scorer, parity if parity is not None else measured_parity(scorer), load_s, load_gb)
-            print(f"loaded {name}", flush=True)
+            parity = parity if parity is not None else measured_parity(scorer)
+            impls[name] = (scorer, parity, load_s, load_gb)
+            # printed as it goes: a run killed later (memory, at real sizes) still leaves these
+            print(f"loaded {name}: {load_s:.1f} s, +{load_gb:.2f} GB, mean |dmu| {parity['mean_abs_dmu']:.4f}, "
+                  f"pooled agreement {_num(parity['pair_agreement_pooled']):.3f}; RSS {rss_gb():.1f} GB", flush=True)
 
         if args.torch_bf16:
             load("transformers-eager-bf16", lambda: copy.deepcopy(rm).to(torch.bfloat16), None)
