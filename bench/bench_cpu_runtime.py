@@ -183,9 +183,6 @@ def main() -> int:
             print(f"loaded {name}: {load_s:.1f} s, +{load_gb:.2f} GB, mean |dmu| {parity['mean_abs_dmu']:.4f}, "
                   f"pooled agreement {_num(parity['pair_agreement_pooled']):.3f}; RSS {rss_gb():.1f} GB", flush=True)
 
-        if args.torch_bf16:
-            load("transformers-eager-bf16", lambda: copy.deepcopy(rm).to(torch.bfloat16), None)
-
         # Gated DeltaNet as onnxruntime's contrib ops and decomposed into standard ops (the default;
         # chunked, matrix products): on CPU the decomposed form is the faster one.
         # every bundle is exported before any is loaded: an export's transient peak never meets the
@@ -193,6 +190,8 @@ def main() -> int:
         bundles = {(gdn, mode): export_bundle(rm, Path(tmp) / f"{mode}-{gdn}", quantize=mode, gdn=gdn,
                                               num_pairs=args.pairs, force=True, progress=False)
                    for gdn in args.gdn for mode in args.modes}
+        if args.torch_bf16:  # after the exports: their peaks never meet this second copy
+            load("transformers-eager-bf16", lambda: copy.deepcopy(rm).to(torch.bfloat16), None)
         for gdn in args.gdn:
             for mode in args.modes:
                 res = bundles[gdn, mode]
