@@ -19,14 +19,19 @@ try. Rows that run at a precision no bundle's report covers get their parity mea
 same held-out pairs as the export's report. The ``-Nruns`` rows score the decomposed bundles with
 ``Scorer(parallel_runs=N)`` (N = cores): each batch split into N parts run concurrently, one
 thread each. ``--stem`` names the output files (default ``cpu_runtime``, or ``cpu_runtime_<size>``).
+At real sizes every row in one process does not fit a 24 GB machine: ``--isolate`` exports in one
+child process and runs each row in its own, round-robin beside its own transformers eager fp32
+(ratios to that baseline; its times are in the ``baseline_*`` columns).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import csv
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +100,26 @@ def rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def plan(args, ov_rows: list[tuple[str, str]], parallel_modes: set[str]) -> list[tuple[str, str, str, str]]:
+    """The rows besides transformers eager fp32, in load order: (name, kind, gdn, mode) with kind
+    ``torch-bf16``, ``ort``, ``ort-runs`` or ``openvino:<precision>``."""
+    runs = max(2, os.cpu_count() or 1)
+    out = [("transformers-eager-bf16", "torch-bf16", "", "")] if args.torch_bf16 else []
+    for gdn in args.gdn:
+        for mode in args.modes:
+            label = "fp32" if mode == "none" else mode
+            out.append((f"onnx-{label}-{gdn}", "ort", gdn, mode))
+            if gdn == "decomposed" and not args.no_parallel_runs and mode in parallel_modes:
+                # The same bundle, each batch split into one part per core run concurrently
+                # (Scorer(parallel_runs=...)): throughput over batch-1 latency.
+                out.append((f"onnx-{label}-{gdn}-{runs}runs", "ort-runs", gdn, mode))
+            for ov_mode, precision in ov_rows:
+                if gdn == "decomposed" and ov_mode == mode:  # f32: the precision of the bundle's report
+                    name = f"openvino-{label}" + ("" if precision == "f32" else f"-{precision}")
+                    out.append((name, f"openvino:{precision}", gdn, mode))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
@@ -117,9 +142,18 @@ def main() -> int:
                     help="leave out the -Nruns rows (a second session per bundle: memory at real sizes)")
     ap.add_argument("--parallel-modes", nargs="*", default=None,
                     help="modes that get a -Nruns row (default: every mode)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="real sizes: export in one child process, then each row in its own child process "
+                         "round-robin beside its own transformers eager baseline (its ratios are to that one)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # --isolate's children: export or a row
+    ap.add_argument("--bundle-root", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--stem", default=None)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
+    out_dir = Path(args.out_dir or Path(__file__).parent / "results" / device_name("cpu"))
+    stem = args.stem or ("cpu_runtime" if not args.size else f"cpu_runtime_{args.size}")
+    if args.isolate and args.child is None:
+        return run_isolated(args, out_dir, stem)
 
     import torch
 
@@ -128,12 +162,11 @@ def main() -> int:
     from zreward_fast.export.parity import PARITY_TIE_TOL, parity_report
     from zreward_fast.qwen3_5_sizes import size_spec
     from zreward_fast.runtime import Scorer
+    from zreward_fast.runtime.bundle import MANIFEST_NAME
     from zreward_fast.runtime.openvino_backend import openvino_available
     from zreward_fast.testing import real_model, small_model
     from zreward_fast.training.synthetic import make_sample
 
-    out_dir = Path(args.out_dir or Path(__file__).parent / "results" / device_name("cpu"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     if args.size:
         spec = size_spec(args.size)
         layers = args.layers or spec["text"]["num_hidden_layers"]
@@ -186,39 +219,48 @@ def main() -> int:
         # Gated DeltaNet as onnxruntime's contrib ops and decomposed into standard ops (the default;
         # chunked, matrix products): on CPU the decomposed form is the faster one.
         # every bundle is exported before any is loaded: an export's transient peak never meets the
-        # loaded sessions (real sizes)
-        bundles = {(gdn, mode): export_bundle(rm, Path(tmp) / f"{mode}-{gdn}", quantize=mode, gdn=gdn,
-                                              num_pairs=args.pairs, force=True, progress=False)
-                   for gdn in args.gdn for mode in args.modes}
-        if args.torch_bf16:  # after the exports: their peaks never meet this second copy
-            load("transformers-eager-bf16", lambda: copy.deepcopy(rm).to(torch.bfloat16), None)
+        # loaded sessions (real sizes); --isolate's row children read the export child's bundles
+        root = Path(args.bundle_root or tmp)
+        bundles: dict[tuple[str, str], tuple[Path, dict]] = {}
         for gdn in args.gdn:
             for mode in args.modes:
-                res = bundles[gdn, mode]
-                label = "fp32" if mode == "none" else mode
-                parity = res.parity["overall"]
-                load(f"onnx-{label}-{gdn}", lambda: Scorer(res.path, copy=False), parity)
-                if gdn == "decomposed" and not args.no_parallel_runs and mode in parallel_modes:
-                    # The same bundle, each batch split into one part per core run concurrently
-                    # (Scorer(parallel_runs=...)): throughput over batch-1 latency.
-                    runs = max(2, os.cpu_count() or 1)
-                    load(f"onnx-{label}-{gdn}-{runs}runs", lambda: Scorer(res.path, copy=False, parallel_runs=runs), parity)
-                for ov_mode, precision in ov_rows:
-                    if gdn == "decomposed" and ov_mode == mode:  # f32: the precision of the bundle's report
-                        load(f"openvino-{label}" + ("" if precision == "f32" else f"-{precision}"),
-                             lambda: Scorer(res.path, copy=False, backend="openvino", precision=precision),
-                             parity if precision == "f32" else None)
+                path = root / f"{mode}-{gdn}"
+                if args.child not in (None, "export"):
+                    report = json.loads((path / MANIFEST_NAME).read_text())["parity"]
+                else:
+                    report = export_bundle(rm, path, quantize=mode, gdn=gdn, num_pairs=args.pairs, force=True,
+                                           progress=False).parity
+                bundles[gdn, mode] = (path, report["overall"])
+        if args.child == "export":
+            return 0
+        runs = max(2, os.cpu_count() or 1)
+        for name, kind, gdn, mode in plan(args, ov_rows, parallel_modes):
+            if args.child is not None and name != args.child:
+                continue
+            if kind == "torch-bf16":  # after the exports: their peaks never meet this second copy
+                load(name, lambda: copy.deepcopy(rm).to(torch.bfloat16), None)
+                continue
+            path, parity = bundles[gdn, mode]
+            if kind == "ort":
+                load(name, lambda: Scorer(path, copy=False), parity)
+            elif kind == "ort-runs":
+                load(name, lambda: Scorer(path, copy=False, parallel_runs=runs), parity)
+            else:
+                precision = kind.split(":", 1)[1]
+                load(name, lambda: Scorer(path, copy=False, backend="openvino", precision=precision),
+                     parity if precision == "f32" else None)
         with torch.inference_mode():
             def calls(b: int) -> dict:
                 return {k: (lambda s=v[0]: s.score(images[:b], prompts[:b])) for k, v in impls.items()}
 
             lat = interleaved(calls(1), args.repeats)
             thr = interleaved(calls(args.batch), max(3, args.repeats // 2))
+        tkey = f"b{args.batch}_images_per_s"
         for name, (scorer, parity, load_s, load_gb) in impls.items():
             rows.append({
                 "impl": name, "device": device_name("cpu"), "cpu_flags": flags, "threads": torch.get_num_threads(),
                 "b1_ms_median": 1e3 * statistics.median(lat[name]), "b1_ms_p90": 1e3 * quantile(lat[name], 0.9),
-                f"b{args.batch}_images_per_s": args.batch / statistics.median(thr[name]),
+                tkey: args.batch / statistics.median(thr[name]),
                 "load_s": load_s, "load_rss_gb": load_gb,
                 "mean_abs_dmu": parity["mean_abs_dmu"] if parity else 0.0,
                 # the worst dimension's pairwise agreement, and pooled over all (the parity gate's)
@@ -226,19 +268,53 @@ def main() -> int:
                 "pair_agreement": _num(parity["pair_agreement"]) if parity else 1.0,
                 "pair_agreement_pooled": _num(parity["pair_agreement_pooled"]) if parity else 1.0,
             })
-    base = rows[0]
-    tkey = f"b{args.batch}_images_per_s"
+    base = rows[0]  # this process's transformers eager fp32
     for r in rows:
         r["b1_speedup"] = base["b1_ms_median"] / r["b1_ms_median"]
         r["throughput_ratio"] = r[tkey] / base[tkey]
-    stem = args.stem or ("cpu_runtime" if not args.size else f"cpu_runtime_{args.size}")
+        r["baseline_b1_ms"], r["baseline_images_per_s"] = base["b1_ms_median"], base[tkey]
+    if args.child is not None:
+        (root / f"rows-{args.child}.json").write_text(json.dumps({"what": what, "rows": rows}))
+        return 0
+    write_results(rows, tkey, what, out_dir, stem)
+    return 0
+
+
+def run_isolated(args, out_dir: Path, stem: str) -> int:
+    """``--isolate``: the exports in one child process, then each row in its own child beside its own
+    transformers eager fp32 (peak memory: the model twice and one row, not every row at once).
+    Rows of different children are not timed round-robin against each other, so each row's
+    ratios are to the eager baseline timed beside it (``baseline_*`` columns)."""
+    from zreward_fast.runtime.openvino_backend import openvino_available
+
+    ov_rows = openvino_rows(args.openvino_modes) if openvino_available() else []
+    names = [n for n, *_ in plan(args, ov_rows, set(args.modes if args.parallel_modes is None else args.parallel_modes))]
+    if not names:
+        raise SystemExit("error: --isolate with no rows besides transformers eager")
+    argv = [a for a in sys.argv[1:] if a != "--isolate"]
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-runtime-") as root:
+        for child in ["export", *names]:
+            print(f"--isolate: {child}", flush=True)
+            subprocess.run([sys.executable, __file__, *argv, "--child", child, "--bundle-root", root], check=True)
+            if child == "export":
+                continue
+            got = json.loads((Path(root) / f"rows-{child}.json").read_text())
+            what = got["what"]
+            rows += [r for r in got["rows"] if not rows or r["impl"] != "transformers-eager-fp32"]
+    write_results(rows, f"b{args.batch}_images_per_s", what + " (one process a row)", out_dir, stem)
+    return 0
+
+
+def write_results(rows: list[dict], tkey: str, what: str, out_dir: Path, stem: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
     _plot(rows, tkey, out_dir / f"{stem}.png", what)
-    print(f"{what}, CPU {rows[0]['device']} ({flags}), torch threads {rows[0]['threads']}")
+    print(f"{what}, CPU {rows[0]['device']} ({rows[0]['cpu_flags']}), torch threads {rows[0]['threads']}")
     print(f"{'impl':38s} {'b1 ms':>8s} {'b1 x':>6s} {tkey:>18s} {'thr x':>6s} {'load s':>7s} {'+GB':>5s} "
           f"{'mean|dmu|':>10s} {'pairs ok':>9s}")
     for r in rows:
@@ -246,7 +322,6 @@ def main() -> int:
               f"{r['throughput_ratio']:6.2f} {r['load_s']:7.1f} {r['load_rss_gb']:5.2f} {r['mean_abs_dmu']:10.4f} "
               f"{r['pair_agreement_pooled']:9.3f}")
     print(f"wrote {path}")
-    return 0
 
 
 def _plot(rows, tkey, path, what):

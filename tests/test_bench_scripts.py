@@ -111,3 +111,22 @@ print("ok", flags)
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr
+
+
+@pytest.mark.heavy  # about a minute: one export child and one row child, each building the student
+def test_cpu_runtime_bench_isolate_runs_each_row_in_its_own_process(tmp_path):
+    args = ["--repeats", "1", "--batch", "2", "--pairs", "2", "--gdn", "decomposed", "--modes", "none",
+            "--openvino-modes", "--no-parallel-runs", "--isolate", "--out-dir", str(tmp_path), "--stem", "iso"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "bench/bench_cpu_runtime.py", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "--isolate: export" in res.stdout and "--isolate: onnx-fp32-decomposed" in res.stdout
+    rows = list(csv.DictReader((tmp_path / "iso.csv").open()))
+    assert [r["impl"] for r in rows] == ["transformers-eager-fp32", "onnx-fp32-decomposed"]
+    onnx = rows[1]
+    # its ratio is to the eager baseline timed beside it in its own process
+    assert float(onnx["throughput_ratio"]) == pytest.approx(
+        float(onnx["b2_images_per_s"]) / float(onnx["baseline_images_per_s"]), rel=1e-3)
+    assert float(onnx["mean_abs_dmu"]) < 1e-3  # the fp32 bundle's own parity report, read from its manifest
+    assert (tmp_path / "iso.png").is_file()
