@@ -44,6 +44,8 @@ from common import device_name, pyplot, quantile, save_figure  # noqa: E402
 
 
 PAUSE_S = 0.05
+#: parts of the -Nruns rows (Scorer(parallel_runs=...)): one a core
+RUNS = max(2, os.cpu_count() or 1)
 #: the instruction-set flags (/proc/cpuinfo) that decide which precisions a CPU runs fast
 PRECISION_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 
@@ -100,10 +102,10 @@ def rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def plan(args, ov_rows: list[tuple[str, str]], parallel_modes: set[str]) -> list[tuple[str, str, str, str]]:
+def plan(args, ov_rows: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
     """The rows besides transformers eager fp32, in load order: (name, kind, gdn, mode) with kind
     ``torch-bf16``, ``ort``, ``ort-runs`` or ``openvino:<precision>``."""
-    runs = max(2, os.cpu_count() or 1)
+    parallel_modes = set(args.modes if args.parallel_modes is None else args.parallel_modes)
     out = [("transformers-eager-bf16", "torch-bf16", "", "")] if args.torch_bf16 else []
     for gdn in args.gdn:
         for mode in args.modes:
@@ -112,7 +114,7 @@ def plan(args, ov_rows: list[tuple[str, str]], parallel_modes: set[str]) -> list
             if gdn == "decomposed" and not args.no_parallel_runs and mode in parallel_modes:
                 # The same bundle, each batch split into one part per core run concurrently
                 # (Scorer(parallel_runs=...)): throughput over batch-1 latency.
-                out.append((f"onnx-{label}-{gdn}-{runs}runs", "ort-runs", gdn, mode))
+                out.append((f"onnx-{label}-{gdn}-{RUNS}runs", "ort-runs", gdn, mode))
             for ov_mode, precision in ov_rows:
                 if gdn == "decomposed" and ov_mode == mode:  # f32: the precision of the bundle's report
                     name = f"openvino-{label}" + ("" if precision == "f32" else f"-{precision}")
@@ -162,7 +164,7 @@ def main() -> int:
     from zreward_fast.export.parity import PARITY_TIE_TOL, parity_report
     from zreward_fast.qwen3_5_sizes import size_spec
     from zreward_fast.runtime import Scorer
-    from zreward_fast.runtime.bundle import MANIFEST_NAME
+    from zreward_fast.runtime.bundle import load_manifest
     from zreward_fast.runtime.openvino_backend import openvino_available
     from zreward_fast.testing import real_model, small_model
     from zreward_fast.training.synthetic import make_sample
@@ -182,7 +184,6 @@ def main() -> int:
     samples = [make_sample(100 + i, size) for i in range(args.batch)]
     images, prompts = [s.image for s in samples], [s.prompt for s in samples]
     ov_rows = openvino_rows(args.openvino_modes) if openvino_available() else []
-    parallel_modes = set(args.modes if args.parallel_modes is None else args.parallel_modes)
     flags = cpu_flags()
     print(f"{what}: {params / 1e6:.0f}M parameters; OpenVINO rows: {ov_rows}; CPU flags: {flags}", flush=True)
     dims = list(rm.dimensions)
@@ -226,15 +227,14 @@ def main() -> int:
             for mode in args.modes:
                 path = root / f"{mode}-{gdn}"
                 if args.child not in (None, "export"):
-                    report = json.loads((path / MANIFEST_NAME).read_text())["parity"]
+                    report = load_manifest(path)["parity"]
                 else:
                     report = export_bundle(rm, path, quantize=mode, gdn=gdn, num_pairs=args.pairs, force=True,
                                            progress=False).parity
                 bundles[gdn, mode] = (path, report["overall"])
         if args.child == "export":
             return 0
-        runs = max(2, os.cpu_count() or 1)
-        for name, kind, gdn, mode in plan(args, ov_rows, parallel_modes):
+        for name, kind, gdn, mode in plan(args, ov_rows):
             if args.child is not None and name != args.child:
                 continue
             if kind == "torch-bf16":  # after the exports: their peaks never meet this second copy
@@ -244,7 +244,7 @@ def main() -> int:
             if kind == "ort":
                 load(name, lambda: Scorer(path, copy=False), parity)
             elif kind == "ort-runs":
-                load(name, lambda: Scorer(path, copy=False, parallel_runs=runs), parity)
+                load(name, lambda: Scorer(path, copy=False, parallel_runs=RUNS), parity)
             else:
                 precision = kind.split(":", 1)[1]
                 load(name, lambda: Scorer(path, copy=False, backend="openvino", precision=precision),
@@ -288,7 +288,7 @@ def run_isolated(args, out_dir: Path, stem: str) -> int:
     from zreward_fast.runtime.openvino_backend import openvino_available
 
     ov_rows = openvino_rows(args.openvino_modes) if openvino_available() else []
-    names = [n for n, *_ in plan(args, ov_rows, set(args.modes if args.parallel_modes is None else args.parallel_modes))]
+    names = [n for n, *_ in plan(args, ov_rows)]
     if not names:
         raise SystemExit("error: --isolate with no rows besides transformers eager")
     argv = [a for a in sys.argv[1:] if a != "--isolate"]
