@@ -21,7 +21,9 @@ same held-out pairs as the export's report. The ``-Nruns`` rows score the decomp
 thread each. ``--stem`` names the output files (default ``cpu_runtime``, or ``cpu_runtime_<size>``).
 At real sizes every row in one process does not fit a 24 GB machine: ``--isolate`` exports in one
 child process and runs each row in its own, round-robin beside its own transformers eager fp32
-(ratios to that baseline; its times are in the ``baseline_*`` columns).
+(ratios to that baseline; its times are in the ``baseline_*`` columns). ``--bundle-dir DIR``
+keeps the exports (real sizes: 10-30 minutes each) and reuses them in a later run of the same
+student; ``--openvino-parallel`` gives each OpenVINO row a ``-Nruns`` row as well.
 """
 from __future__ import annotations
 
@@ -119,6 +121,8 @@ def plan(args, ov_rows: list[tuple[str, str]]) -> list[tuple[str, str, str, str]
                 if gdn == "decomposed" and ov_mode == mode:  # f32: the precision of the bundle's report
                     name = f"openvino-{label}" + ("" if precision == "f32" else f"-{precision}")
                     out.append((name, f"openvino:{precision}", gdn, mode))
+                    if args.openvino_parallel:
+                        out.append((f"{name}-{RUNS}runs", f"openvino-runs:{precision}", gdn, mode))
     return out
 
 
@@ -144,11 +148,15 @@ def main() -> int:
                     help="leave out the -Nruns rows (a second session per bundle: memory at real sizes)")
     ap.add_argument("--parallel-modes", nargs="*", default=None,
                     help="modes that get a -Nruns row (default: every mode)")
+    ap.add_argument("--openvino-parallel", action="store_true",
+                    help="each OpenVINO row also gets a -Nruns row (Scorer(parallel_runs=N, backend='openvino'))")
     ap.add_argument("--isolate", action="store_true",
                     help="real sizes: export in one child process, then each row in its own child process "
                          "round-robin beside its own transformers eager baseline (its ratios are to that one)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # --isolate's children: export or a row
-    ap.add_argument("--bundle-root", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--bundle-dir", default=None,
+                    help="export the bundles here and keep them; bundles already here from the same student "
+                         "(same --size, --layers, --vision-depth, --pairs) are reused, not exported again")
     ap.add_argument("--stem", default=None)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args()
@@ -221,12 +229,17 @@ def main() -> int:
         # chunked, matrix products): on CPU the decomposed form is the faster one.
         # every bundle is exported before any is loaded: an export's transient peak never meets the
         # loaded sessions (real sizes); --isolate's row children read the export child's bundles
-        root = Path(args.bundle_root or tmp)
+        root = Path(args.bundle_dir or tmp)
+        if args.child in (None, "export"):
+            reuse = check_bundle_dir(root, {"student": what, "pairs": args.pairs})
         bundles: dict[tuple[str, str], tuple[Path, dict]] = {}
         for gdn in args.gdn:
             for mode in args.modes:
                 path = root / f"{mode}-{gdn}"
                 if args.child not in (None, "export"):
+                    report = load_manifest(path)["parity"]
+                elif reuse and (path / "manifest.json").is_file():
+                    print(f"reusing the bundle {path}", flush=True)
                     report = load_manifest(path)["parity"]
                 else:
                     report = export_bundle(rm, path, quantize=mode, gdn=gdn, num_pairs=args.pairs, force=True,
@@ -245,10 +258,11 @@ def main() -> int:
                 load(name, lambda: Scorer(path, copy=False), parity)
             elif kind == "ort-runs":
                 load(name, lambda: Scorer(path, copy=False, parallel_runs=RUNS), parity)
-            else:
-                precision = kind.split(":", 1)[1]
-                load(name, lambda: Scorer(path, copy=False, backend="openvino", precision=precision),
-                     parity if precision == "f32" else None)
+            else:  # openvino:<precision> or openvino-runs:<precision>
+                engine, precision = kind.split(":", 1)
+                runs = RUNS if engine == "openvino-runs" else 1
+                load(name, lambda: Scorer(path, copy=False, backend="openvino", precision=precision,
+                                          parallel_runs=runs), parity if precision == "f32" else None)
         with torch.inference_mode():
             def calls(b: int) -> dict:
                 return {k: (lambda s=v[0]: s.score(images[:b], prompts[:b])) for k, v in impls.items()}
@@ -293,10 +307,11 @@ def run_isolated(args, out_dir: Path, stem: str) -> int:
         raise SystemExit("error: --isolate with no rows besides transformers eager")
     argv = [a for a in sys.argv[1:] if a != "--isolate"]
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="bench-cpu-runtime-") as root:
+    with tempfile.TemporaryDirectory(prefix="bench-cpu-runtime-") as tmp:
+        root = args.bundle_dir or tmp
         for child in ["export", *names]:
             print(f"--isolate: {child}", flush=True)
-            subprocess.run([sys.executable, __file__, *argv, "--child", child, "--bundle-root", root], check=True)
+            subprocess.run([sys.executable, __file__, *argv, "--child", child, "--bundle-dir", root], check=True)
             if child == "export":
                 continue
             got = json.loads((Path(root) / f"rows-{child}.json").read_text())
@@ -304,6 +319,23 @@ def run_isolated(args, out_dir: Path, stem: str) -> int:
             rows += [r for r in got["rows"] if not rows or r["impl"] != "transformers-eager-fp32"]
     write_results(rows, f"b{args.batch}_images_per_s", what + " (one process a row)", out_dir, stem)
     return 0
+
+
+def check_bundle_dir(root: Path, student: dict) -> bool:
+    """Whether the bundles in ``root`` may be reused: they come from ``student`` (the model and the
+    pairs of their parity reports, recorded in ``bench-student.json`` on first use). Bundles from
+    another student would carry another model's parity, so they are refused, not overwritten."""
+    stamp = root / "bench-student.json"
+    if stamp.is_file():
+        had = json.loads(stamp.read_text())
+        if had != student:
+            raise SystemExit(f"error: --bundle-dir {root} holds bundles of {had}, not of {student}")
+        return True
+    if root.is_dir() and any((p / "manifest.json").is_file() for p in root.iterdir() if p.is_dir()):
+        raise SystemExit(f"error: --bundle-dir {root} holds bundles of an unknown student (no {stamp.name})")
+    root.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(student))
+    return False
 
 
 def write_results(rows: list[dict], tkey: str, what: str, out_dir: Path, stem: str) -> None:

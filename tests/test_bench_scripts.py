@@ -107,6 +107,32 @@ else:
     raise AssertionError("an unknown precision was accepted")
 flags = b.cpu_flags().split()
 assert set(flags) <= set(b.PRECISION_FLAGS), flags
+from argparse import Namespace
+args = Namespace(modes=["none", "int8-weight"], parallel_modes=[], gdn=["decomposed"], torch_bf16=False,
+                 no_parallel_runs=False, openvino_parallel=True)
+names = [(n, k) for n, k, *_ in b.plan(args, [("int8-weight", "bf16")])]
+r = b.RUNS
+assert names == [("onnx-fp32-decomposed", "ort"), ("onnx-int8-weight-decomposed", "ort"),
+                 ("openvino-int8-weight-bf16", "openvino:bf16"),
+                 (f"openvino-int8-weight-bf16-{r}runs", "openvino-runs:bf16")], names
+# --bundle-dir: stamped on first use, reused by the same student, refused for another one
+import json, pathlib, tempfile
+root = pathlib.Path(tempfile.mkdtemp()) / "bundles"
+student = {"student": "small", "pairs": 4}
+assert b.check_bundle_dir(root, student) is False and json.loads((root / "bench-student.json").read_text()) == student
+assert b.check_bundle_dir(root, student) is True
+for other in ({"student": "small", "pairs": 8}, None):
+    try:
+        if other is None:  # a bundle with no stamp beside it: origin unknown
+            (root / "bench-student.json").unlink()
+            (root / "none-decomposed").mkdir()
+            (root / "none-decomposed" / "manifest.json").write_text("{}")
+            other = student
+        b.check_bundle_dir(root, other)
+    except SystemExit as e:
+        assert "--bundle-dir" in str(e), e
+    else:
+        raise AssertionError(f"bundles of another student were reused: {other}")
 print("ok", flags)
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -116,12 +142,18 @@ print("ok", flags)
 @pytest.mark.heavy  # about a minute: one export child and one row child, each building the student
 def test_cpu_runtime_bench_isolate_runs_each_row_in_its_own_process(tmp_path):
     args = ["--repeats", "1", "--batch", "2", "--pairs", "2", "--gdn", "decomposed", "--modes", "none",
-            "--openvino-modes", "--no-parallel-runs", "--isolate", "--out-dir", str(tmp_path), "--stem", "iso"]
+            "--openvino-modes", "--no-parallel-runs", "--isolate", "--out-dir", str(tmp_path), "--stem", "iso",
+            "--bundle-dir", str(tmp_path / "bundles")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "bench/bench_cpu_runtime.py", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "--isolate: export" in res.stdout and "--isolate: onnx-fp32-decomposed" in res.stdout
+
+    def bench() -> str:
+        res = subprocess.run([sys.executable, "bench/bench_cpu_runtime.py", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout
+
+    out = bench()
+    assert "--isolate: export" in out and "--isolate: onnx-fp32-decomposed" in out and "reusing" not in out
     rows = list(csv.DictReader((tmp_path / "iso.csv").open()))
     assert [r["impl"] for r in rows] == ["transformers-eager-fp32", "onnx-fp32-decomposed"]
     onnx = rows[1]
@@ -130,3 +162,7 @@ def test_cpu_runtime_bench_isolate_runs_each_row_in_its_own_process(tmp_path):
         float(onnx["b2_images_per_s"]) / float(onnx["baseline_images_per_s"]), rel=1e-3)
     assert float(onnx["mean_abs_dmu"]) < 1e-3  # the fp32 bundle's own parity report, read from its manifest
     assert (tmp_path / "iso.png").is_file()
+    # a second run of the same student reuses the kept export, with its parity report
+    assert "reusing the bundle" in bench()
+    again = list(csv.DictReader((tmp_path / "iso.csv").open()))[1]
+    assert again["mean_abs_dmu"] == onnx["mean_abs_dmu"]
