@@ -122,14 +122,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, format_dimensions, format_table
 
     source = args.bundle or args.model
+    runtime = {"backend": args.backend, "precision": args.precision}
+    if args.model and runtime != {"backend": "onnxruntime", "precision": "f32"}:
+        print("error: --backend and --precision choose what runs a --bundle; a --model runs in PyTorch", file=sys.stderr)
+        return 2
     try:
         report = evaluate(source, seed=args.seed, pairs=args.pairs, conflicts=args.conflicts,
                           teacher=args.teacher, progress=True, revision=args.revision,
-                          local_files_only=args.local_files_only)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+                          local_files_only=args.local_files_only, **(runtime if args.bundle else {}))
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table({Path(source).name or str(source): report}))
+    label = Path(source).name or str(source)
+    if args.bundle and args.backend != "onnxruntime":
+        label += f" ({args.backend} {args.precision})"
+    print(format_table({label: report}))
     print()
     print(format_dimensions(report))
     if args.json:
@@ -323,6 +330,14 @@ def _add_hub_args(p: argparse.ArgumentParser) -> None:
                         "local_files_only; HF_HUB_OFFLINE=1 does the same)")
 
 
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    """--backend and --precision: what runs a bundle's graphs (the runtime ``Scorer``'s arguments)."""
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                   help="what runs the bundle's graphs: onnxruntime (default) or OpenVINO's CPU plugin")
+    p.add_argument("--precision", default="f32", choices=sorted(PRECISIONS),
+                   help="OpenVINO's inference precision (default f32, the parity report's; bf16 where the CPU has it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zreward-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -385,10 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers (default: CPU)")
-    sv.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
-                    help="what runs the bundle's graphs: onnxruntime (default) or OpenVINO's CPU plugin")
-    sv.add_argument("--precision", default="f32", choices=sorted(PRECISIONS),
-                    help="OpenVINO's inference precision (default f32, the parity report's; bf16 where the CPU has it)")
+    _add_backend_args(sv)
     sv.add_argument("--parallel-runs", type=int, default=1,
                     help="split each batch into this many parts run concurrently (CPU throughput; default 1)")
     _add_server_flags(sv)
@@ -427,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--conflicts", type=int, default=None, help="conflict pairs (default: pairs / 4)")
     ev.add_argument("--teacher", action="store_true", help="the model is a reasoning teacher: reason, then score")
     ev.add_argument("--json", default=None, help="also write the full report to this JSON file")
+    _add_backend_args(ev)  # with --bundle: e.g. check OpenVINO at bf16 on the benchmark before serving it
     _add_hub_args(ev)
     ev.set_defaults(func=cmd_eval)
 

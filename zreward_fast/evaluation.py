@@ -81,8 +81,9 @@ def load_source(source: Any, teacher: bool = False, revision: str | None = None,
                 **kwargs: Any) -> Any:
     """Something with ``score(images, prompts, dimensions)`` for a directory or hub repo id (of a
     model or bundle; ``revision`` pins the repo, ``local_files_only`` reads the hub cache only), a
-    model, a scorer or the URL of a running server
-    (``kwargs`` go to the ``TeacherScorer`` with ``teacher``, or to the ``HTTPScorer`` of a URL)."""
+    model, a scorer or the URL of a running server (``kwargs`` go to the runtime ``Scorer`` of a
+    bundle, e.g. ``backend="openvino", precision="bf16"``; to the ``TeacherScorer`` with
+    ``teacher``; or to the ``HTTPScorer`` of a URL)."""
     from .hub import resolve
     from .modeling import ZRewardModel
 
@@ -90,14 +91,16 @@ def load_source(source: Any, teacher: bool = False, revision: str | None = None,
         from .integrations.http_client import HTTPScorer
 
         return HTTPScorer(source, **kwargs)
+    path = resolve(source, revision, local_files_only) if isinstance(source, (str, os.PathLike)) else None
+    if path is not None and (path / "manifest.json").is_file():
+        from .runtime import Scorer
+
+        if teacher:
+            raise ValueError(f"{path} is a bundle (a one-pass student); a reasoning teacher is a model directory")
+        return Scorer(path, **kwargs)
     if kwargs and not teacher:
         raise TypeError(f"unexpected arguments {sorted(kwargs)} for a {type(source).__name__} source")
-    if isinstance(source, (str, os.PathLike)):
-        path = resolve(source, revision, local_files_only)
-        if (path / "manifest.json").is_file():
-            from .runtime import Scorer
-
-            return Scorer(path)
+    if path is not None:
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is neither a model directory nor a bundle")
         source = ZRewardModel.from_pretrained(path)
@@ -170,14 +173,16 @@ def evaluate(
     batch_size: int = 32,
     size: int = 128,
     progress: bool = False,
-    **teacher_kwargs: Any,
+    **source_kwargs: Any,
 ) -> dict[str, Any]:
     """Benchmark ``source`` on ``pairs`` benchmark pairs and ``conflicts`` conflict pairs (default
-    ``pairs // 4``) drawn with ``seed``; see the module docstring for what is returned."""
+    ``pairs // 4``) drawn with ``seed``; see the module docstring for what is returned.
+    ``source_kwargs`` go to :func:`load_source` (e.g. ``backend="openvino", precision="bf16"`` for a
+    bundle, ``max_new_tokens`` for a teacher)."""
     if pairs < len(DIMENSIONS):
         raise ValueError(f"pairs must be at least {len(DIMENSIONS)} (one per dimension), got {pairs}")
     conflicts = pairs // 4 if conflicts is None else conflicts
-    scorer = load_source(source, teacher, **teacher_kwargs)
+    scorer = load_source(source, teacher, **source_kwargs)
     t0 = time.perf_counter()
     bench, conf = _benchmark(seed, pairs, conflicts, tuple(gaps), size)
     items: list[tuple[Any, str, str]] = []

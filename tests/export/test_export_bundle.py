@@ -167,6 +167,28 @@ def test_openvino_backend_scores_like_onnxruntime(rm, fp32_bundle, tmp_path):
     assert np.abs(_means(a) - _means(b)).max() <= 0.01
 
 
+@pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
+def test_eval_runs_a_bundle_on_the_backend_and_precision_it_names(fp32_bundle, tmp_path, capsys):
+    """`eval --bundle DIR --backend openvino --precision P`: what a user checks before serving at bf16."""
+    from zreward_fast.evaluation import evaluate
+
+    ort = evaluate(fp32_bundle.path, seed=3, pairs=8, conflicts=0)
+    ov = evaluate(fp32_bundle.path, seed=3, pairs=8, conflicts=0, backend="openvino")
+    for d, v in ort["dimensions"].items():  # the same graphs at f32: the same figures
+        assert ov["dimensions"][d]["plcc"] == pytest.approx(v["plcc"], abs=1e-3), d
+    assert main(["eval", "--bundle", str(fp32_bundle.path), "--pairs", "8", "--conflicts", "0", "--backend",
+                 "openvino", "--precision", "bf16", "--json", str(tmp_path / "r.json")]) == 0
+    assert f"| {fp32_bundle.path.name} (openvino bf16) |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["pairs"] == 8
+    # a model runs in PyTorch, a bundle is no teacher: both refused with a message, not a traceback
+    assert main(["eval", "--model", str(tmp_path), "--backend", "openvino"]) == 2
+    assert "--backend and --precision" in capsys.readouterr().err
+    assert main(["eval", "--bundle", str(fp32_bundle.path), "--teacher"]) == 2
+    assert "a reasoning teacher is a model directory" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="precision is OpenVINO's"):
+        evaluate(fp32_bundle.path, pairs=4, precision="bf16")  # onnxruntime runs the graphs as exported
+
+
 def test_backend_arguments_are_checked(fp32_bundle):
     with pytest.raises(ValueError, match="backend must be one of"):
         Scorer(fp32_bundle.path, backend="tensorrt")
