@@ -307,18 +307,29 @@ def run_isolated(args, out_dir: Path, stem: str) -> int:
         raise SystemExit("error: --isolate with no rows besides transformers eager")
     argv = [a for a in sys.argv[1:] if a != "--isolate"]
     rows: list[dict] = []
+    failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-cpu-runtime-") as tmp:
         root = args.bundle_dir or tmp
         for child in ["export", *names]:
             print(f"--isolate: {child}", flush=True)
-            subprocess.run([sys.executable, __file__, *argv, "--child", child, "--bundle-dir", root], check=True)
+            code = subprocess.run([sys.executable, __file__, *argv, "--child", child, "--bundle-dir", root]).returncode
+            if code and child == "export":
+                raise SystemExit(f"error: the export child failed (exit {code})")
+            if code:  # a row that fails (memory, an engine's error) is left out; the other rows still count
+                print(f"--isolate: {child} failed (exit {code}); its row is left out", flush=True)
+                failed.append(child)
+                continue
             if child == "export":
                 continue
             got = json.loads((Path(root) / f"rows-{child}.json").read_text())
             what = got["what"]
             rows += [r for r in got["rows"] if not rows or r["impl"] != "transformers-eager-fp32"]
+    if not rows:
+        raise SystemExit(f"error: every row failed: {', '.join(failed)}")
     write_results(rows, f"b{args.batch}_images_per_s", what + " (one process a row)", out_dir, stem)
-    return 0
+    if failed:
+        print(f"rows that failed, left out of {stem}.csv: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def check_bundle_dir(root: Path, student: dict) -> bool:

@@ -133,10 +133,33 @@ for other in ({"student": "small", "pairs": 8}, None):
         assert "--bundle-dir" in str(e), e
     else:
         raise AssertionError(f"bundles of another student were reused: {other}")
+# --isolate: a row child that fails is reported and left out, the rest written; a failed export stops
+import subprocess
+calls, written = [], []
+def fake_run(cmd):
+    child, root = cmd[cmd.index("--child") + 1], pathlib.Path(cmd[cmd.index("--bundle-dir") + 1])
+    calls.append(child)
+    if child == "onnx-fp32-decomposed":
+        rows = [{"impl": "transformers-eager-fp32"}, {"impl": child}]
+        (root / f"rows-{child}.json").write_text(json.dumps({"what": "w", "rows": rows}))
+    return subprocess.CompletedProcess(cmd, 0 if child in ("export", "onnx-fp32-decomposed") else 1)
+b.subprocess.run = fake_run
+b.write_results = lambda rows, *rest: written.append([r["impl"] for r in rows])
+args.openvino_modes, args.openvino_parallel, args.batch, args.bundle_dir = [], False, 8, None
+assert b.run_isolated(args, pathlib.Path("unused"), "s") == 1
+assert calls == ["export", "onnx-fp32-decomposed", "onnx-int8-weight-decomposed"], calls
+assert written == [["transformers-eager-fp32", "onnx-fp32-decomposed"]], written
+b.subprocess.run = lambda cmd: subprocess.CompletedProcess(cmd, 137)
+try:
+    b.run_isolated(args, pathlib.Path("unused"), "s")
+except SystemExit as e:
+    assert "export child failed" in str(e), e
+else:
+    raise AssertionError("a failed export was not an error")
 print("ok", flags)
 """
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr
+    assert res.returncode == 0 and res.stdout.splitlines()[-1].startswith("ok"), res.stdout + res.stderr
 
 
 @pytest.mark.heavy  # about a minute: one export child and one row child, each building the student
