@@ -158,7 +158,10 @@ def test_openvino_backend_scores_like_onnxruntime(rm, fp32_bundle, tmp_path):
     with ThreadPoolExecutor(3) as pool:  # an infer request per thread
         for res in pool.map(lambda i: ov.score(images[i::3], prompts[i::3]), range(3)):
             assert len(res) == 4
-    par = Scorer(fp32_bundle.path, backend="openvino", parallel_runs=2).score(images, prompts)
+    par_scorer = Scorer(fp32_bundle.path, backend="openvino", parallel_runs=2)
+    # the parts run as two OpenVINO streams over all the threads, not two requests queued on one
+    assert par_scorer._decoder.streams == 2 and par_scorer._decoder._compiled.get_property("NUM_STREAMS") == 2
+    par = par_scorer.score(images, prompts)
     assert np.abs(_means(par) - _means(ref)).max() <= 1e-4
     # a weight-only int8 bundle (com.microsoft::MatMulNBits) runs too
     q = export_bundle(rm, tmp_path / "w8", quantize="int8-weight", num_pairs=10, progress=False, force=True,
@@ -199,6 +202,10 @@ def test_backend_arguments_are_checked(fp32_bundle):
     if openvino_available():
         with pytest.raises(ValueError, match="precision must be one of"):
             Scorer(fp32_bundle.path, backend="openvino", precision="int8")
+        from zreward_fast.runtime.openvino_backend import OpenVINOSession
+
+        with pytest.raises(ValueError, match="streams must be a positive int"):
+            OpenVINOSession(fp32_bundle.path / "decoder.onnx", streams=0)
 
 
 def test_external_data_path(rm, tmp_path):

@@ -41,12 +41,15 @@ class _Port:
 class OpenVINOSession:
     """One ONNX graph compiled by OpenVINO for ``device`` ("CPU"), run like an onnxruntime session.
 
-    ``num_threads`` caps OpenVINO's inference threads (its default: all cores). Safe to call from
-    several threads: each thread runs its own infer request on the shared compiled model.
+    ``num_threads`` caps OpenVINO's inference threads in all (its default: all cores). Safe to call
+    from several threads: each thread runs its own infer request on the shared compiled model.
+    ``streams`` is OpenVINO's ``NUM_STREAMS``: how many infer requests run at once, each on its own
+    share of the threads. With one stream (the default) concurrent requests wait for each other;
+    ``Scorer(parallel_runs=N)`` asks for N streams, OpenVINO's own way to run parts side by side.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "CPU", precision: str = "f32",
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, streams: int = 1) -> None:
         try:
             import openvino as ov
         except ImportError as e:
@@ -56,10 +59,13 @@ class OpenVINOSession:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
         if num_threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(num_threads)
+        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+            raise ValueError(f"streams must be a positive int, got {streams!r}")
+        config["NUM_STREAMS"] = streams
         core = ov.Core()
         self.path = Path(path)
         self.device = device
-        self.precision = precision
+        self.precision, self.streams = precision, streams
         self._compiled = core.compile_model(core.read_model(str(self.path)), device, config)
         self._inputs = [_Port(p) for p in self._compiled.inputs]
         self._outputs = [_Port(p) for p in self._compiled.outputs]
