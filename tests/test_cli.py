@@ -58,14 +58,15 @@ def test_serve_has_a_flag_for_every_server_setting(monkeypatch, tmp_path):
             "--queue-size", "512", "--timeout-s", "60", "--no-warmup", "--decode-threads", "2"]
     assert main(argv) == 0
     assert seen == {"bundle": str(tmp_path), "host": "127.0.0.1", "port": 8000, "providers": None, "parallel_runs": 1,
-                    "backend": "onnxruntime", "precision": "f32",
+                    "backend": "onnxruntime", "precision": "f32", "check_parity": None,
                     "max_items": 64, "max_batch_size": 32, "max_wait_ms": 2.5, "max_queue": 512,
                     "request_timeout_s": 60.0, "warmup": False, "decode_threads": 2}
-    runtime_args = ("bundle", "host", "port", "providers", "parallel_runs", "backend", "precision")
+    runtime_args = ("bundle", "host", "port", "providers", "parallel_runs", "backend", "precision", "check_parity")
     ServerConfig(**{k: v for k, v in seen.items() if k not in runtime_args})
     seen.clear()
-    assert main(["serve", "--bundle", str(tmp_path), "--backend", "openvino", "--precision", "bf16"]) == 0
-    assert seen["backend"] == "openvino" and seen["precision"] == "bf16"
+    assert main(["serve", "--bundle", str(tmp_path), "--backend", "openvino", "--precision", "bf16",
+                 "--no-parity-check"]) == 0
+    assert seen["backend"] == "openvino" and seen["precision"] == "bf16" and seen["check_parity"] is False
     # every field has a flag: each one given alone reaches run_server under its own name
     for f in dataclasses.fields(ServerConfig):
         seen.clear()

@@ -129,7 +129,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         report = evaluate(source, seed=args.seed, pairs=args.pairs, conflicts=args.conflicts,
                           teacher=args.teacher, progress=True, revision=args.revision,
-                          local_files_only=args.local_files_only, **(runtime if args.bundle else {}))
+                          local_files_only=args.local_files_only,
+                          # eval measures a precision's scores itself: the load-time gate would stop it
+                          **(dict(runtime, check_parity=False) if args.bundle else {}))
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -282,7 +284,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         run_server(str(resolve(args.bundle, args.revision, args.local_files_only)), host=args.host, port=args.port, providers=args.providers,
-                   parallel_runs=args.parallel_runs, backend=args.backend, precision=args.precision, **config)
+                   parallel_runs=args.parallel_runs, backend=args.backend, precision=args.precision,
+                   check_parity=args.check_parity, **config)
     except (BundleError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -401,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--providers", nargs="+", default=None, help="onnxruntime execution providers (default: CPU)")
     _add_backend_args(sv)
+    sv.add_argument("--no-parity-check", dest="check_parity", action="store_const", const=False, default=None,
+                    help="serve a precision below the export's (--precision bf16) even if its scores fail the parity "
+                         "gate against the bundle's reference (checked at load by default)")
     sv.add_argument("--parallel-runs", type=int, default=1,
                     help="split each batch into this many parts run concurrently (CPU throughput; default 1)")
     _add_server_flags(sv)

@@ -192,6 +192,53 @@ def test_eval_runs_a_bundle_on_the_backend_and_precision_it_names(fp32_bundle, t
         evaluate(fp32_bundle.path, pairs=4, precision="bf16")  # onnxruntime runs the graphs as exported
 
 
+def test_a_precision_is_checked_at_load_against_the_reference_the_bundle_ships(rm, fp32_bundle, tmp_path,
+                                                                                 monkeypatch, recwarn):
+    """The export stores the fp32 model's scores on its held-out pairs; Scorer(check_parity=...)
+    scores the first PARITY_CHECK_PAIRS of them at load: by default only at a precision below the
+    export's (OpenVINO bf16), which the bundle's own report does not cover."""
+    import shutil
+
+    import zreward_fast.export.parity as parity
+    from zreward_fast.runtime import ParityError
+    from zreward_fast.runtime.bundle import write_manifest
+    from zreward_fast.runtime.scorer import PARITY_CHECK_PAIRS
+
+    ref = np.load(fp32_bundle.path / parity.REFERENCE_NAME)
+    assert parity.REFERENCE_NAME in fp32_bundle.manifest["files"] and ref.shape == (100, 4, len(rm.scale.levels))
+    images, prompts, _ = held_out_pairs(3)  # the reference is the PyTorch model's scores of these pairs
+    assert np.abs(_means(rm.score(images, prompts)) - (ref[:6] * np.array(rm.scale.levels)).sum(-1)).max() <= 1e-5
+    assert Scorer(fp32_bundle.path).parity is None  # f32 on onnxruntime: the export's report covers it
+    checked = Scorer(fp32_bundle.path, check_parity=True).parity
+    assert checked["pairs"] == PARITY_CHECK_PAIRS and not checked["failures"]
+    assert checked["overall"]["max_abs_dmu"] <= 1e-3 and checked["thresholds"] == fp32_bundle.parity["thresholds"]
+
+    # a bundle without the file (exported before it existed): warned at bf16, refused when asked for
+    old = tmp_path / "old"
+    shutil.copytree(fp32_bundle.path, old)
+    (old / parity.REFERENCE_NAME).unlink()
+    write_manifest(old, {k: v for k, v in json.loads((old / "manifest.json").read_text()).items() if k != "files"})
+    with pytest.raises(BundleError, match="ships no reference scores"):
+        Scorer(old, check_parity=True)
+    # a reference of the wrong shape is refused, not compared
+    np.save(old / parity.REFERENCE_NAME, np.full((7, 4, 9), 0.1, np.float32))
+    write_manifest(old, {k: v for k, v in json.loads((old / "manifest.json").read_text()).items() if k != "files"})
+    with pytest.raises(BundleError, match="not finite distributions"):
+        Scorer(old, check_parity=True)
+    if not openvino_available():
+        return
+    assert Scorer(fp32_bundle.path, backend="openvino", check_parity=True).parity["overall"]["max_abs_dmu"] <= 1e-3
+    (old / parity.REFERENCE_NAME).unlink()
+    write_manifest(old, {k: v for k, v in json.loads((old / "manifest.json").read_text()).items() if k != "files"})
+    assert Scorer(old, backend="openvino", precision="bf16").parity is None
+    assert any("ships no reference scores" in str(w.message) for w in recwarn.list)
+    assert Scorer(fp32_bundle.path, backend="openvino", precision="bf16", check_parity=False).parity is None
+    # bf16 is checked by default, against the reduced-precision gate (here one no float path can pass)
+    monkeypatch.setattr(parity, "REDUCED_PRECISION_THRESHOLDS", {"mean_abs_dmu": 0.0})
+    with pytest.raises(ParityError, match=r"openvino at bf16 fails the parity gate on 16 held-out pairs.*mean \|Δμ\|"):
+        Scorer(fp32_bundle.path, backend="openvino", precision="bf16")
+
+
 def test_backend_arguments_are_checked(fp32_bundle):
     with pytest.raises(ValueError, match="backend must be one of"):
         Scorer(fp32_bundle.path, backend="tensorrt")

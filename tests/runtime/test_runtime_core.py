@@ -236,6 +236,8 @@ pre = RuntimePreprocessor.from_bundle(sys.argv[1])
 t = pre.text_inputs(["a red cat"])
 pv = pre.pixel_values([np.zeros((10, 12, 3), np.uint8)])
 res = rt.Scorer(sys.argv[1]).score([np.zeros((10, 12, 3), np.uint8)], ["a red cat"])
+from zreward_fast.export.parity import held_out_pairs, parity_report  # what Scorer(check_parity=...) runs
+held_out_pairs(1)
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
 print(json.dumps({"ids": t["input_ids"].tolist(), "pv": list(pv.shape), "mean": res[0]["realism"].mean, "bad": bad}))
 """

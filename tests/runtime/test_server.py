@@ -229,16 +229,18 @@ def test_run_server_builds_scorer_and_serves_on_loopback(monkeypatch):
 
     seen = {}
 
-    def fake_scorer(bundle_dir, providers=None, parallel_runs=1, backend="onnxruntime", precision="f32"):
-        seen.update(runs=parallel_runs, backend=backend, precision=precision)
+    def fake_scorer(bundle_dir, providers=None, parallel_runs=1, backend="onnxruntime", precision="f32",
+                    check_parity=None):
+        seen.update(runs=parallel_runs, backend=backend, precision=precision, check_parity=check_parity)
         return seen.setdefault("scorer", FakeScorer())
 
     monkeypatch.setattr(runtime, "Scorer", fake_scorer)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     monkeypatch.setenv("ZREWARD_API_KEY", "from-env")
-    run_server("bundle-dir", port=8123, max_items=3, parallel_runs=2, backend="openvino", precision="bf16")
+    run_server("bundle-dir", port=8123, max_items=3, parallel_runs=2, backend="openvino", precision="bf16",
+               check_parity=False)
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["runs"] == 2
-    assert seen["backend"] == "openvino" and seen["precision"] == "bf16"
+    assert seen["backend"] == "openvino" and seen["precision"] == "bf16" and seen["check_parity"] is False
     state = seen["app"].state.zreward
     assert state.scorer is seen["scorer"] and state.config.max_items == 3 and state.config.api_key == "from-env"
 

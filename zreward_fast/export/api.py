@@ -24,6 +24,7 @@ from ..modeling import ZRewardModel
 from ..models.gated_deltanet import check_gdn_form
 from ..runtime.bundle import (EXTERNAL_DATA_THRESHOLD, FALLBACK_MODES, FALLBACKS, MODELOPT_MODES, QUANT_TOOLS,
                               SMOOTHED_MODES, SMOOTHINGS, resolve_quant_mode)
+from .parity import REFERENCE_NAME, held_out_pairs
 
 #: calibration images the fallback is measured on (one forward pass each try, at most ~log2 of the
 #: candidate layers tries)
@@ -65,22 +66,6 @@ def _progress(iterable, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, disable=not enabled)
-
-
-def held_out_pairs(num_pairs: int, seed: int = 12345, size: int = 128) -> tuple[list, list[str], dict[str, list]]:
-    """Synthetic clean/degraded pairs, rotating over the dimensions: images, prompts, and per
-    dimension the index pairs that differ on it (by 1, 2 or 3 points)."""
-    from ..dimensions import DIMENSIONS
-    from ..training.synthetic import degraded_pair
-
-    images, prompts, pairs = [], [], {d: [] for d in DIMENSIONS}
-    for i in range(num_pairs):
-        dim = DIMENSIONS[i % len(DIMENSIONS)]
-        clean, bad = degraded_pair(seed + i, dim, size, drop=1.0 + (i // len(DIMENSIONS)) % 3)
-        pairs[dim].append((len(images), len(images) + 1))
-        images += [clean.image, bad.image]
-        prompts += [clean.prompt, bad.prompt]
-    return images, prompts, pairs
 
 
 def calibration_images(calib_dir: str | Path | None, count: int = 32, seed: int = 777) -> tuple[list, list[str]]:
@@ -235,6 +220,9 @@ def export_bundle(
                 manifest["quantization"]["smoothing"] = smoothing.report()
             shutil.rmtree(fp32)
         shutil.copy2(work / "tok" / "tokenizer.json", bundle / "tokenizer.json")
+        # the reference scores ship with the bundle: a runtime precision below the export's (OpenVINO
+        # bf16) is checked against them at load (Scorer(check_parity=...), docs/bundle.md)
+        np.save(bundle / REFERENCE_NAME, ref.astype(np.float32), allow_pickle=False)
         manifest["opset"] = _graph_opset(bundle / "decoder.onnx")  # quantizers may raise it (fp8: 19)
         manifest = write_manifest(bundle, manifest)
 
@@ -243,7 +231,8 @@ def export_bundle(
                                tie_tol=PARITY_TIE_TOL)
         failures = check_thresholds(report, thresholds)
         report.update({"thresholds": thresholds, "failures": failures, "images": len(images), "pairs": num_pairs,
-                       "held_out": "synthetic clean/degraded pairs (zreward_fast.training.synthetic)"})
+                       "held_out": "synthetic clean/degraded pairs (zreward_fast.training.synthetic)",
+                       "reference": REFERENCE_NAME})
         manifest["parity"] = report
         (bundle / CARD_NAME).write_text(model_card(manifest, info, benchmark, out.name), encoding="utf-8")
         manifest = update_manifest(bundle, manifest, [CARD_NAME])

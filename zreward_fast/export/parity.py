@@ -30,14 +30,20 @@ import numpy as np
 #: reports record how many pairs were compared, so a model with no preferences cannot pass unseen.
 PARITY_TIE_TOL = 0.01
 
+#: The gate of every reduced-precision form: the quantized bundles, and a bundle computed at a
+#: lower precision than it was exported in (OpenVINO's bf16, checked by the runtime ``Scorer``).
+REDUCED_PRECISION_THRESHOLDS: dict[str, float] = {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98}
+
 DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "none": {"mean_abs_dmu": 1e-3, "max_abs_dmu": 1e-3},
-    "int8-dynamic": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
-    "int8-static": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
-    "int8-weight": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
-    "int4-weight": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
-    "fp8": {"mean_abs_dmu": 0.05, "pair_agreement_pooled": 0.98},
+    **{m: dict(REDUCED_PRECISION_THRESHOLDS) for m in ("int8-dynamic", "int8-static", "int8-weight",
+                                                        "int4-weight", "fp8")},
 }
+
+#: The bundle file holding the fp32 PyTorch model's score distributions ``[2 * pairs, D, K]`` on
+#: :func:`held_out_pairs` (float32 ``.npy``): the reference a runtime precision is checked against.
+REFERENCE_NAME = "parity_reference.npy"
+HELD_OUT_SEED, HELD_OUT_SIZE = 12345, 128
 
 _UPPER = {"mean_abs_dmu": "mean |Δμ|", "max_abs_dmu": "max |Δμ|", "mean_kl": "mean KL", "max_kl": "max KL"}
 _LOWER = {"argmax_agreement": "argmax agreement", "pair_agreement": "pairwise agreement",
@@ -59,6 +65,25 @@ def _as_probs(x: Any, name: str) -> np.ndarray:
         raise ValueError(f"{name} rows must sum to 1 over K (worst row sums to {worst:.6g}); "
                          "pass probabilities, not log-probabilities")
     return a
+
+
+def held_out_pairs(num_pairs: int, seed: int = HELD_OUT_SEED, size: int = HELD_OUT_SIZE
+                   ) -> tuple[list, list[str], dict[str, list]]:
+    """Synthetic clean/degraded pairs, rotating over the dimensions: images, prompts, and per
+    dimension the index pairs that differ on it (by 1, 2 or 3 points). Deterministic, and the
+    first ``n`` pairs of a longer list are ``held_out_pairs(n)``. numpy and PIL only: the torch-free
+    runtime draws them too."""
+    from ..dimensions import DIMENSIONS
+    from ..training.synthetic import degraded_pair
+
+    images, prompts, pairs = [], [], {d: [] for d in DIMENSIONS}
+    for i in range(num_pairs):
+        dim = DIMENSIONS[i % len(DIMENSIONS)]
+        clean, bad = degraded_pair(seed + i, dim, size, drop=1.0 + (i // len(DIMENSIONS)) % 3)
+        pairs[dim].append((len(images), len(images) + 1))
+        images += [clean.image, bad.image]
+        prompts += [clean.prompt, bad.prompt]
+    return images, prompts, pairs
 
 
 def parity_report(

@@ -8,10 +8,11 @@ from __future__ import annotations
 from .bundle import BundleError, load_manifest, sha256_file, verify_bundle, write_manifest
 from .positions import mrope_position_ids
 from .preprocess import RuntimePreprocessor
-from .scorer import Scorer
+from .scorer import ParityError, Scorer
 
 __all__ = [
     "BundleError",
+    "ParityError",
     "RuntimePreprocessor",
     "Scorer",
     "load_manifest",

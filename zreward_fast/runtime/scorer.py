@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,14 @@ from ..dimensions import resolve_dimensions
 from ..scale import ScoreResult, ScoreScale
 from .bundle import BACKENDS, DECODER_INPUTS, DECODER_OUTPUTS, VISION_INPUTS, VISION_OUTPUTS, BundleError, verify_bundle
 from .preprocess import RuntimePreprocessor
+
+#: held-out pairs scored at load by Scorer(check_parity=...): 32 images, 4 pairs a dimension
+PARITY_CHECK_PAIRS = 16
+
+
+class ParityError(ValueError):
+    """Scores that moved past the parity gate at the precision they are computed in."""
+
 
 # An exporter may prune an input the traced graph never reads (e.g. attention_mask with right
 # padding and causal attention); those are fed only when the graph declares them.
@@ -84,7 +93,15 @@ class Scorer:
             openvino``), with the same preprocessing and checks. ``providers`` and ``spin_wait``
             are onnxruntime's; ``intra_op_num_threads`` caps OpenVINO's threads too.
         precision: OpenVINO only: ``"f32"`` (default, the precision of the bundle's parity
-            report) or ``"bf16"``/``"f16"`` (faster where the CPU has them; check the scores).
+            report) or ``"bf16"``/``"f16"`` (faster where the CPU has them; checked at load, below).
+        check_parity: at load, score the first ``PARITY_CHECK_PAIRS`` of the export's held-out
+            pairs and compare them with the fp32 PyTorch model's scores the bundle ships
+            (``parity_reference.npy``, docs/bundle.md); past the gate (mean |Δμ| <= 0.05 and >= 98%
+            of the pairs kept in order at a reduced precision; the bundle's own thresholds at f32)
+            raise :class:`ParityError`. ``None`` (default): only at a precision below the one the
+            bundle was exported and checked in (``bf16``, ``f16``), which its parity report does not
+            cover; ``True``: always; ``False``: never. The report is ``scorer.parity`` (``None``
+            when not checked).
     """
 
     def __init__(
@@ -99,6 +116,7 @@ class Scorer:
         local_files_only: bool = False,
         backend: str = "onnxruntime",
         precision: str = "f32",
+        check_parity: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -155,6 +173,43 @@ class Scorer:
         self._pool = (
             ThreadPoolExecutor(parallel_runs, thread_name_prefix="zreward-run") if parallel_runs > 1 else None
         )
+        self.parity: dict | None = None
+        if check_parity or (check_parity is None and self.precision != "f32"):
+            self.parity = self._check_parity(required=bool(check_parity))
+
+    def _check_parity(self, required: bool) -> dict | None:
+        """The parity report of these sessions against the bundle's reference scores (see
+        ``check_parity``); raises :class:`ParityError` when it fails the gate."""
+        from ..export.parity import (PARITY_TIE_TOL, REDUCED_PRECISION_THRESHOLDS, REFERENCE_NAME, check_thresholds,
+                                     held_out_pairs, parity_report)
+
+        what = f"{self.backend} at {self.precision}"
+        if REFERENCE_NAME not in self.manifest["files"]:
+            msg = (f"{self.bundle_dir}: the bundle ships no reference scores ({REFERENCE_NAME}: exported by an "
+                   f"older zreward-fast), so {what} cannot be checked against the model; re-export it, or "
+                   "measure it with `zreward-fast eval --bundle DIR --backend ... --precision ...`")
+            if required:
+                raise BundleError(msg)
+            warnings.warn(msg, stacklevel=3)
+            return None
+        dims, levels = self.dimensions, self.scale.levels
+        ref = np.load(self._load_dir / REFERENCE_NAME, allow_pickle=False)
+        if ref.ndim != 3 or ref.shape[0] % 2 or ref.shape[1:] != (len(dims), len(levels)) or not np.isfinite(ref).all():
+            raise BundleError(f"{self.bundle_dir}: {REFERENCE_NAME} holds {ref.shape} {ref.dtype}, not finite "
+                              f"distributions [2 * pairs, {len(dims)}, {len(levels)}]")
+        n = min(PARITY_CHECK_PAIRS, ref.shape[0] // 2)
+        images, prompts, pairs = held_out_pairs(n)
+        test = np.array([[r[d].probs for d in dims] for r in self.score(images, prompts, dims, batch_size=4)])
+        report = parity_report(ref[: 2 * n].astype(np.float64), test, levels, dims, pairs, tie_tol=PARITY_TIE_TOL)
+        exported = self.manifest.get("parity", {}).get("thresholds")
+        thresholds = exported if self.precision == "f32" and exported else REDUCED_PRECISION_THRESHOLDS
+        failures = check_thresholds(report, thresholds)
+        report.update({"thresholds": dict(thresholds), "failures": failures, "pairs": n})
+        if failures:
+            raise ParityError(f"{self.bundle_dir} on {what} fails the parity gate on {n} held-out pairs against "
+                              f"the fp32 model: {'; '.join(failures)}. Serve it at f32 (precision='f32'), or "
+                              "accept these scores knowingly with check_parity=False (serve --no-parity-check)")
+        return report
 
     def _session(self, name: str, opts: Any, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
         import onnxruntime as ort

@@ -437,6 +437,7 @@ def run_server(
     parallel_runs: int = 1,
     backend: str = "onnxruntime",
     precision: str = "f32",
+    check_parity: bool | None = None,
     log_level: str = "info",
     **config: Any,
 ) -> None:
@@ -444,7 +445,8 @@ def run_server(
 
     ``parallel_runs`` is the Scorer's (each batch split into that many concurrent parts: more
     images/s on a multi-core CPU, at some cost in single-request latency), as are ``backend``
-    (``"onnxruntime"`` or ``"openvino"``) and ``precision`` (OpenVINO's).
+    (``"onnxruntime"`` or ``"openvino"``), ``precision`` (OpenVINO's) and ``check_parity`` (a
+    precision below the export's is checked against the bundle's reference scores before serving).
 
     ``config`` takes the fields of :class:`ServerConfig`; ``api_key`` defaults to the
     ``ZREWARD_API_KEY`` environment variable (so the key need not appear on a command line).
@@ -459,7 +461,8 @@ def run_server(
     cfg = ServerConfig(**config)
     if host not in _LOOPBACK and cfg.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach the port can use the model", host)
-    scorer = Scorer(bundle_dir, providers=providers, parallel_runs=parallel_runs, backend=backend, precision=precision)
+    scorer = Scorer(bundle_dir, providers=providers, parallel_runs=parallel_runs, backend=backend, precision=precision,
+                    check_parity=check_parity)
     logger.info("loaded %r; config %s", scorer, {k: v for k, v in asdict(cfg).items() if k != "api_key"})
     app = create_app(scorer, cfg)
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on", **cfg.uvicorn_options())
