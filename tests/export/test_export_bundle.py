@@ -72,7 +72,8 @@ def test_fp32_bundle_matches_pytorch(rm, fp32_bundle):
 def test_manifest_carries_everything_the_runtime_needs(fp32_bundle):
     m = json.loads((fp32_bundle.path / "manifest.json").read_text())
     assert m["format_version"] == 1 and m["gdn"] == "decomposed" and m["quantization"]["mode"] == "none"
-    assert set(m["files"]) == {"vision.onnx", "decoder.onnx", "tokenizer.json", "README.md"}  # README: the model card
+    # README: the model card; parity_reference.npy: the fp32 model's scores a lower precision is checked against
+    assert set(m["files"]) == {"vision.onnx", "decoder.onnx", "tokenizer.json", "README.md", "parity_reference.npy"}
     assert m["dimensions"] == list(zf.DIMENSIONS) and m["scale"]["levels"][-1] == 4.0
     assert "{queries}" in m["prompt"]["format"]["student"] and m["image"]["size"] == 64
     assert m["parity"]["pairs"] == 50 and "mean_abs_dmu" in m["parity"]["overall"]
