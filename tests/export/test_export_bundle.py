@@ -226,6 +226,10 @@ def test_a_precision_is_checked_at_load_against_the_reference_the_bundle_ships(r
     write_manifest(old, {k: v for k, v in json.loads((old / "manifest.json").read_text()).items() if k != "files"})
     with pytest.raises(BundleError, match="not finite distributions"):
         Scorer(old, check_parity=True)
+    (old / parity.REFERENCE_NAME).write_bytes(b"not an array")
+    write_manifest(old, {k: v for k, v in json.loads((old / "manifest.json").read_text()).items() if k != "files"})
+    with pytest.raises(BundleError, match="not a numpy array file"):
+        Scorer(old, check_parity=True)
     if not openvino_available():
         return
     assert Scorer(fp32_bundle.path, backend="openvino", check_parity=True).parity["overall"]["max_abs_dmu"] <= 1e-3

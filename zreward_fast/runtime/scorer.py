@@ -193,14 +193,18 @@ class Scorer:
             warnings.warn(msg, stacklevel=3)
             return None
         dims, levels = self.dimensions, self.scale.levels
-        ref = np.load(self._load_dir / REFERENCE_NAME, allow_pickle=False)
+        try:
+            ref = np.load(self._load_dir / REFERENCE_NAME, allow_pickle=False)
+        except (ValueError, OSError) as e:  # not an .npy array (its hash matched: a hand-made bundle)
+            raise BundleError(f"{self.bundle_dir}: {REFERENCE_NAME} is not a numpy array file: {e}") from e
         if ref.ndim != 3 or ref.shape[0] % 2 or ref.shape[1:] != (len(dims), len(levels)) or not np.isfinite(ref).all():
             raise BundleError(f"{self.bundle_dir}: {REFERENCE_NAME} holds {ref.shape} {ref.dtype}, not finite "
                               f"distributions [2 * pairs, {len(dims)}, {len(levels)}]")
         n = min(PARITY_CHECK_PAIRS, ref.shape[0] // 2)
         images, prompts, pairs = held_out_pairs(n)
         test = np.array([[r[d].probs for d in dims] for r in self.score(images, prompts, dims, batch_size=4)])
-        report = parity_report(ref[: 2 * n].astype(np.float64), test, levels, dims, pairs, tie_tol=PARITY_TIE_TOL)
+        report = parity_report(ref[: 2 * n].astype(np.float64), test, levels, dims,
+                               {d: pairs[d] for d in dims if d in pairs}, tie_tol=PARITY_TIE_TOL)
         exported = self.manifest.get("parity", {}).get("thresholds")
         thresholds = exported if self.precision == "f32" and exported else REDUCED_PRECISION_THRESHOLDS
         failures = check_thresholds(report, thresholds)
