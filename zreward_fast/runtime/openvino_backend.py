@@ -10,7 +10,8 @@ read by its ONNX front end where it knows them).
 Precision: OpenVINO's CPU plugin computes in bf16 by default on CPUs that have it (AVX512-BF16,
 AMX), which moved an untrained 9B-width student's means by up to 0.65 (issue 13). The default here
 is ``"f32"``, the precision the bundle's parity report was measured in; ``precision="bf16"`` is
-the fast path on such CPUs and should be checked against the bundle (``zreward-fast eval``).
+the fast path on such CPUs, and the ``Scorer`` checks it at load against the reference scores the
+bundle ships (``Scorer(check_parity=...)``, docs/bundle.md).
 """
 from __future__ import annotations
 
