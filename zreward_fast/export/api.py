@@ -231,8 +231,7 @@ def export_bundle(
                                tie_tol=PARITY_TIE_TOL)
         failures = check_thresholds(report, thresholds)
         report.update({"thresholds": thresholds, "failures": failures, "images": len(images), "pairs": num_pairs,
-                       "held_out": "synthetic clean/degraded pairs (zreward_fast.training.synthetic)",
-                       "reference": REFERENCE_NAME})
+                       "held_out": "synthetic clean/degraded pairs (zreward_fast.training.synthetic)"})
         manifest["parity"] = report
         (bundle / CARD_NAME).write_text(model_card(manifest, info, benchmark, out.name), encoding="utf-8")
         manifest = update_manifest(bundle, manifest, [CARD_NAME])
