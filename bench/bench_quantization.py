@@ -2,7 +2,7 @@
 
     python bench/bench_quantization.py [--size 0.8B] [--layers 4] [--vision-depth 2] [--pairs 24]
         [--modes int8-dynamic int8-weight int4-weight] [--weights random outliers probed]
-        [--tools onnxruntime modelopt] [--tag NAME]
+        [--tools onnxruntime modelopt] [--openvino-precisions bf16] [--tag NAME]
 
 The student is random at the size's real widths (``zreward_fast.testing.real_model``, reduced
 depth, 448x448). ``outliers`` gives it the outlier features of trained checkpoints
@@ -15,7 +15,10 @@ of RISD on the known scores of synthetic images (``testing.train_briefly``): a s
 trained checkpoint, whose activations and margins random weights do not have. Each row is one
 ``export_bundle`` with its parity report against the PyTorch model; the CSV is the record.
 ``--tools`` runs the QDQ modes (int8-static, fp8) once per quantizer: onnxruntime's and NVIDIA
-ModelOpt's ONNX PTQ, on the same node selection and calibration images.
+ModelOpt's ONNX PTQ, on the same node selection and calibration images. ``--openvino-precisions``
+adds a row per bundle and OpenVINO precision (``bf16`` where the CPU has it): the same graphs at
+that precision, measured on the same pairs against the same PyTorch scores
+(``Scorer.measure_parity``); the ``engine`` column tells them from the export's own report.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 from common import device_name, plot_bars, write_results  # noqa: E402
 
-FIELDS = ("size", "weights", "mode", "tool", "fallback_kept", "mean_abs_dmu", "max_abs_dmu", "pair_agreement_pooled", "pairs_compared",
+FIELDS = ("size", "weights", "mode", "tool", "engine", "fallback_kept", "mean_abs_dmu", "max_abs_dmu", "pair_agreement_pooled", "pairs_compared",
           "failures", "seconds", "bundle_mb")
 
 
@@ -90,6 +93,8 @@ def main() -> None:
                     help="quantizers of the QDQ modes (int8-static, fp8); other modes always use onnxruntime's")
     ap.add_argument("--fallback", default="auto", choices=["auto", "none"],
                     help="export_bundle's per-layer float fallback (int8-dynamic, int8-weight)")
+    ap.add_argument("--openvino-precisions", nargs="*", default=[], choices=["f32", "bf16", "f16"],
+                    help="also score each bundle on OpenVINO at these precisions (its parity on the same pairs)")
     ap.add_argument("--tag", default="", help="appended to the results' file names")
     ap.add_argument("--probe-images", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=60, help="RISD steps of the trained weights")
@@ -101,6 +106,7 @@ def main() -> None:
     from zreward_fast import ZRewardModel
     from zreward_fast.export import export_bundle
     from zreward_fast.export.quantize import MODELOPT_MODES
+    from zreward_fast.runtime import Scorer
     from zreward_fast.testing import add_outlier_channels, real_model, train_briefly
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -124,25 +130,33 @@ def main() -> None:
                 t = time.perf_counter()
                 res = export_bundle(rm, work / "b", quantize=mode, num_pairs=args.pairs, force=True, progress=False,
                                     quant_tool=tool, fallback=args.fallback)
-                o = res.parity["overall"]
-                used = sorted({g["tool"] for g in res.manifest["quantization"]["graphs"].values()})
-                kept = len(res.manifest["quantization"].get("fallback", {}).get("kept", {}))
-                row = {"size": args.size, "weights": weights, "mode": mode, "tool": "+".join(used), "fallback_kept": kept,
-                       "mean_abs_dmu": o["mean_abs_dmu"],
-                       "max_abs_dmu": o["max_abs_dmu"], "pair_agreement_pooled": o["pair_agreement_pooled"],
-                       "pairs_compared": sum(b["pairs_compared"] for b in res.parity["dimensions"].values()),
-                       "failures": len(res.failures), "seconds": time.perf_counter() - t,
-                       "bundle_mb": sum(f.stat().st_size for f in res.path.iterdir()) / 2**20}
+                seconds = time.perf_counter() - t
+                used = sorted({g["tool"] for g in res.manifest["quantization"].get("graphs", {}).values()}) or ["-"]
+                base = {"size": args.size, "weights": weights, "mode": mode, "tool": "+".join(used),
+                        "fallback_kept": len(res.manifest["quantization"].get("fallback", {}).get("kept", {})),
+                        "seconds": seconds,
+                        "bundle_mb": sum(f.stat().st_size for f in res.path.iterdir()) / 2**20}
+                reports = [("onnxruntime", res.parity)]
+                for precision in args.openvino_precisions:
+                    scorer = Scorer(res.path, copy=False, backend="openvino", precision=precision, check_parity=False)
+                    reports.append((f"openvino-{precision}", scorer.measure_parity()))
+                    del scorer
+                for engine, report in reports:
+                    o = report["overall"]
+                    row = {**base, "engine": engine, "mean_abs_dmu": o["mean_abs_dmu"], "max_abs_dmu": o["max_abs_dmu"],
+                           "pair_agreement_pooled": o["pair_agreement_pooled"],
+                           "pairs_compared": sum(b["pairs_compared"] for b in report["dimensions"].values()),
+                           "failures": len(report["failures"])}  # each against its gate (the reduced one below f32)
+                    rows.append(row)
+                    print(row, flush=True)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-            rows.append(row)
-            print(row, flush=True)
         del rm, model
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(rows, out_dir, f"quantization_{args.size}{args.tag}", FIELDS,
                   f"Qwen3.5-{args.size} width, {args.layers} layers: mean |dmu| by mode and weights",
                   plot=plot_bars, key="mean_abs_dmu", ylabel="mean |delta mu| vs PyTorch",
-                  label=lambda r: f"{r['weights']}\n{r['mode']}\n{r['tool']}")
+                  label=lambda r: f"{r['weights']}\n{r['mode']}\n{r['tool']}\n{r['engine']}")
 
 
 if __name__ == "__main__":

@@ -213,6 +213,12 @@ def test_a_precision_is_checked_at_load_against_the_reference_the_bundle_ships(r
     checked = Scorer(fp32_bundle.path, check_parity=True).parity
     assert checked["pairs"] == PARITY_CHECK_PAIRS and not checked["failures"]
     assert checked["overall"]["max_abs_dmu"] <= 1e-3 and checked["thresholds"] == fp32_bundle.parity["thresholds"]
+    scorer = Scorer(fp32_bundle.path)
+    full = scorer.measure_parity()  # every pair the bundle ships, its figures beside the export report's
+    assert full["pairs"] == 50 and not full["failures"]
+    assert abs(full["overall"]["mean_abs_dmu"] - fp32_bundle.parity["overall"]["mean_abs_dmu"]) <= 1e-4
+    with pytest.raises(ValueError, match="num_pairs must be a positive int"):
+        scorer.measure_parity(0)
 
     # a bundle without the file (exported before it existed): warned at bf16, refused when asked for
     old = tmp_path / "old"
@@ -224,6 +230,8 @@ def test_a_precision_is_checked_at_load_against_the_reference_the_bundle_ships(r
     rehash()
     with pytest.raises(BundleError, match="ships no reference scores"):
         Scorer(old, check_parity=True)
+    with pytest.raises(BundleError, match="ships no reference scores"):
+        Scorer(old).measure_parity()
     # a reference of the wrong shape is refused, not compared
     np.save(old / parity.REFERENCE_NAME, np.full((7, 4, 9), 0.1, np.float32))
     rehash()
@@ -243,6 +251,8 @@ def test_a_precision_is_checked_at_load_against_the_reference_the_bundle_ships(r
     assert Scorer(fp32_bundle.path, backend="openvino", precision="bf16", check_parity=False).parity is None
     # bf16 is checked by default, against the reduced-precision gate (here one no float path can pass)
     monkeypatch.setattr(parity, "REDUCED_PRECISION_THRESHOLDS", {"mean_abs_dmu": 0.0})
+    measured = Scorer(fp32_bundle.path, backend="openvino", precision="bf16", check_parity=False).measure_parity(4)
+    assert measured["pairs"] == 4 and measured["failures"] and measured["thresholds"] == {"mean_abs_dmu": 0.0}
     with pytest.raises(ParityError, match=r"openvino at bf16 fails the parity gate on 16 held-out pairs.*mean \|Δμ\|"):
         Scorer(fp32_bundle.path, backend="openvino", precision="bf16")
 

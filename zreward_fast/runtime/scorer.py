@@ -101,7 +101,7 @@ class Scorer:
             raise :class:`ParityError`. ``None`` (default): only at a precision below the one the
             bundle was exported and checked in (``bf16``, ``f16``), which its parity report does not
             cover; ``True``: always; ``False``: never. The report is ``scorer.parity`` (``None``
-            when not checked).
+            when not checked); :meth:`measure_parity` measures it on more pairs without raising.
     """
 
     def __init__(
@@ -178,20 +178,41 @@ class Scorer:
             self.parity = self._check_parity(required=bool(check_parity))
 
     def _check_parity(self, required: bool) -> dict | None:
-        """The parity report of these sessions against the bundle's reference scores (see
-        ``check_parity``); raises :class:`ParityError` when it fails the gate."""
+        """:meth:`measure_parity` on ``PARITY_CHECK_PAIRS`` pairs (see ``check_parity``); raises
+        :class:`ParityError` when it fails the gate, and warns instead of raising when the bundle
+        ships no reference and the check was not asked for."""
+        from ..export.parity import REFERENCE_NAME
+
+        if REFERENCE_NAME not in self.manifest["files"] and not required:
+            warnings.warn(self._no_reference_message(), stacklevel=3)
+            return None
+        report = self.measure_parity(PARITY_CHECK_PAIRS)
+        if report["failures"]:
+            raise ParityError(f"{self.bundle_dir} on {self.backend} at {self.precision} fails the parity gate on "
+                              f"{report['pairs']} held-out pairs against the fp32 model: "
+                              f"{'; '.join(report['failures'])}. Serve it at f32 (precision='f32'), or "
+                              "accept these scores knowingly with check_parity=False (serve --no-parity-check)")
+        return report
+
+    def _no_reference_message(self) -> str:
+        from ..export.parity import REFERENCE_NAME
+
+        return (f"{self.bundle_dir}: the bundle ships no reference scores ({REFERENCE_NAME}: exported by an "
+                f"older zreward-fast), so {self.backend} at {self.precision} cannot be checked against the model; "
+                "re-export it, or measure it with `zreward-fast eval --bundle DIR --backend ... --precision ...`")
+
+    def measure_parity(self, num_pairs: int | None = None) -> dict:
+        """The parity report of this scorer (its back end and precision) against the fp32 PyTorch
+        model's scores the bundle ships (``parity_reference.npy``), on the first ``num_pairs`` of
+        the export's held-out pairs (default: all it ships). Beside the export report's figures it
+        holds ``thresholds`` (the bundle's own at f32, the reduced-precision gate below it),
+        ``failures`` (the gate's, not raised) and ``pairs``. Raises :class:`BundleError` when the
+        bundle ships no reference or a malformed one."""
         from ..export.parity import (PARITY_TIE_TOL, REDUCED_PRECISION_THRESHOLDS, REFERENCE_NAME, check_thresholds,
                                      held_out_pairs, parity_report)
 
-        what = f"{self.backend} at {self.precision}"
         if REFERENCE_NAME not in self.manifest["files"]:
-            msg = (f"{self.bundle_dir}: the bundle ships no reference scores ({REFERENCE_NAME}: exported by an "
-                   f"older zreward-fast), so {what} cannot be checked against the model; re-export it, or "
-                   "measure it with `zreward-fast eval --bundle DIR --backend ... --precision ...`")
-            if required:
-                raise BundleError(msg)
-            warnings.warn(msg, stacklevel=3)
-            return None
+            raise BundleError(self._no_reference_message())
         dims, levels = self.dimensions, self.scale.levels
         try:
             ref = np.load(self._load_dir / REFERENCE_NAME, allow_pickle=False)
@@ -200,19 +221,15 @@ class Scorer:
         if ref.ndim != 3 or ref.shape[0] % 2 or ref.shape[1:] != (len(dims), len(levels)) or not np.isfinite(ref).all():
             raise BundleError(f"{self.bundle_dir}: {REFERENCE_NAME} holds {ref.shape} {ref.dtype}, not finite "
                               f"distributions [2 * pairs, {len(dims)}, {len(levels)}]")
-        n = min(PARITY_CHECK_PAIRS, ref.shape[0] // 2)
+        shipped = ref.shape[0] // 2
+        n = shipped if num_pairs is None else min(positive_int("num_pairs", num_pairs), shipped)
         images, prompts, pairs = held_out_pairs(n)
         test = np.array([[r[d].probs for d in dims] for r in self.score(images, prompts, dims, batch_size=4)])
         report = parity_report(ref[: 2 * n].astype(np.float64), test, levels, dims,
                                {d: pairs[d] for d in dims if d in pairs}, tie_tol=PARITY_TIE_TOL)
         exported = self.manifest.get("parity", {}).get("thresholds")
         thresholds = exported if self.precision == "f32" and exported else REDUCED_PRECISION_THRESHOLDS
-        failures = check_thresholds(report, thresholds)
-        report.update({"thresholds": dict(thresholds), "failures": failures, "pairs": n})
-        if failures:
-            raise ParityError(f"{self.bundle_dir} on {what} fails the parity gate on {n} held-out pairs against "
-                              f"the fp32 model: {'; '.join(failures)}. Serve it at f32 (precision='f32'), or "
-                              "accept these scores knowingly with check_parity=False (serve --no-parity-check)")
+        report.update({"thresholds": dict(thresholds), "failures": check_thresholds(report, thresholds), "pairs": n})
         return report
 
     def _session(self, name: str, opts: Any, inputs: Sequence[str], outputs: Sequence[str]) -> Any:
