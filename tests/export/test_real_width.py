@@ -151,8 +151,12 @@ def test_default_int8_passes_the_gate_on_a_briefly_trained_0_8b_width_student(tm
     40 RISD steps (``train_briefly``, about 3.5 minutes here) is exported with the default ``int8``
     (smoothing + per-layer fallback) and ``export_bundle`` must not refuse it: mean |dmu| <= 0.05 and
     >= 98% of the held-out pairs kept in order, with enough untied pairs compared to mean it (the
-    random model fails the same gate: README, "Quantization at real width")."""
+    random model fails the same gate: README, "Quantization at real width"). Where OpenVINO is
+    installed, the same student's fp32 bundle computed by OpenVINO in bf16 must pass the check the
+    ``Scorer`` runs at load (on a CPU without bf16 arithmetic OpenVINO computes in f32)."""
     from zreward_fast.export import export_bundle
+    from zreward_fast.runtime import Scorer
+    from zreward_fast.runtime.openvino_backend import openvino_available
     from zreward_fast.testing import train_briefly
 
     threads = torch.get_num_threads()
@@ -168,5 +172,11 @@ def test_default_int8_passes_the_gate_on_a_briefly_trained_0_8b_width_student(tm
         compared = sum(b["pairs_compared"] for b in res.parity["dimensions"].values())
         assert compared >= 8, res.parity["dimensions"]
         assert overall["mean_abs_dmu"] <= 0.05 and overall["pair_agreement_pooled"] >= 0.98, overall
+        if not openvino_available():
+            return
+        # OpenVINO computing the fp32 bundle in bf16 (the fastest CPU row): the load check must pass it
+        fp32 = export_bundle(rm, tmp_path / "fp32", num_pairs=16, progress=False)
+        bf16 = Scorer(fp32.path, copy=False, backend="openvino", precision="bf16")
+        assert bf16.parity["pairs"] == 16 and bf16.parity["failures"] == [], bf16.parity
     finally:
         torch.set_num_threads(threads)
