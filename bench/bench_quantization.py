@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="appended to the results' file names")
     ap.add_argument("--probe-images", type=int, default=64)
     ap.add_argument("--train-steps", type=int, default=60, help="RISD steps of the trained weights")
+    ap.add_argument("--train-lr", type=float, default=1e-4, help="learning rate of the trained weights")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
 
@@ -122,7 +123,7 @@ def main() -> None:
             print(f"probe: held-out PLCC {probe_score_rows(rm, args.probe_images):.3f}", flush=True)
         if weights == "trained":
             t = time.perf_counter()
-            print("trained:", train_briefly(rm, args.train_steps), f"{time.perf_counter() - t:.0f} s", flush=True)
+            print("trained:", train_briefly(rm, args.train_steps, lr=args.train_lr), f"{time.perf_counter() - t:.0f} s", flush=True)
         runs = [(m, t) for m in args.modes for t in (args.tools if m in MODELOPT_MODES else ["auto"])]
         for mode, tool in runs:
             work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
